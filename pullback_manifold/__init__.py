@@ -1,0 +1,32 @@
+"""pullback-manifold: Riemannian geometry of the latent spaces of generative models.
+
+Importing this package imports geomstats with its pytorch backend (and leaves
+torch's default dtype as it was); import it before geomstats.
+"""
+
+from ._backend import BackendError, import_geomstats
+
+import_geomstats()
+
+from .decoders import Decoder, DeterministicDecoder, EnsembleDecoder, GaussianDecoder, as_decoder  # noqa: E402
+from .errors import ConvergenceError, ConvergenceWarning, DecoderError  # noqa: E402
+from .geodesics import LogResult, ODEOptions  # noqa: E402
+from .manifold import DecoderPullbackMetric, PullbackManifold  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PullbackManifold",
+    "DecoderPullbackMetric",
+    "Decoder",
+    "DeterministicDecoder",
+    "GaussianDecoder",
+    "EnsembleDecoder",
+    "as_decoder",
+    "ODEOptions",
+    "LogResult",
+    "ConvergenceWarning",
+    "ConvergenceError",
+    "DecoderError",
+    "BackendError",
+]

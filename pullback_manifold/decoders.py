@@ -1,0 +1,252 @@
+"""Decoders: the maps whose pull-back metric gives the latent space its geometry.
+
+Every decoder here exposes one method the geometry needs, :meth:`Decoder.embed`,
+mapping latent points ``(n, d)`` to flat outputs ``(n, D)``. The metric is the
+pull-back ``G = J^T J`` of that map, ``J = d embed / d z``:
+
+* :class:`DeterministicDecoder` wraps any torch callable or ``nn.Module``
+  ``(..., d) -> (..., *out)``; images ``(..., C, H, W)`` are flattened.
+* :class:`GaussianDecoder` (``mean``, ``std``) embeds ``z -> [mu(z); sigma(z)]``,
+  whose pull-back is the expected metric ``J_mu^T J_mu + J_sigma^T J_sigma``
+  of the stochastic decoder ``mu(z) + sigma(z) * eps``.
+* :class:`EnsembleDecoder` embeds ``z -> [f_1(z); ...; f_M(z)] / sqrt(M)``, whose
+  pull-back is the ensemble-averaged metric ``(1/M) sum_m J_m^T J_m``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Decoder",
+    "DeterministicDecoder",
+    "GaussianDecoder",
+    "EnsembleDecoder",
+    "as_decoder",
+]
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Put ``module`` in eval mode for the duration, then restore every flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+class _TorchFunction:
+    """Call a torch callable with the dtype and device of its input.
+
+    ``nn.Module`` s are called through :func:`torch.func.functional_call` with
+    detached copies of their parameters and buffers, cast to the input's dtype
+    and device, in eval mode: geometry never writes gradients into a model,
+    never changes its mode, and a float32 model can be evaluated at float64
+    points. Plain callables are called as they are.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], name: str):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a torch callable or nn.Module, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name
+        self._cache: dict = {}
+
+    def _state(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        module = self.fn
+        named = list(module.named_parameters()) + list(module.named_buffers())
+        # _version changes on in-place updates (optimizer steps): recast then.
+        key = (tuple((id(t), t._version) for _, t in named))
+        cached = self._cache.get((dtype, device))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        state = {
+            k: (t.detach().to(device=device, dtype=dtype) if t.is_floating_point() else t.detach().to(device))
+            for k, t in named
+        }
+        # Tensors made inside a torch.func transform belong to its level: caching them
+        # would leak them into later transforms, so only cache at top level.
+        if torch._C._functorch.peek_interpreter_stack() is None:
+            self._cache[(dtype, device)] = (key, state)
+        return state
+
+    def prepare(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Cache the parameters cast to ``dtype``/``device``; call outside any transform."""
+        if isinstance(self.fn, nn.Module):
+            self._state(dtype, device)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        if isinstance(self.fn, nn.Module):
+            state = self._state(z.dtype, z.device)
+            with _eval_mode(self.fn):
+                return torch.func.functional_call(self.fn, state, (z,))
+        return self.fn(z)
+
+
+class Decoder(abc.ABC):
+    """Base class: a map from latent points to a flat embedding.
+
+    Subclasses implement :meth:`_embed`. A :class:`Decoder` holds references to
+    the user's callables and owns no trainable state.
+    """
+
+    @abc.abstractmethod
+    def _embed(self, z: Tensor) -> Tensor:
+        """Map ``(n, d)`` latent points to ``(n, D)``."""
+
+    def prepare(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Get ready to be evaluated at ``dtype``/``device`` points (casts and caches parameters).
+
+        Call it outside ``torch.func`` transforms, before a batch of geometry
+        computations; :class:`~pullback_manifold.PullbackManifold` does.
+        """
+        for fn in self._functions():
+            fn.prepare(dtype, device)
+
+    def _functions(self) -> list[_TorchFunction]:
+        return [v for v in vars(self).values() if isinstance(v, _TorchFunction)]
+
+    def embed(self, z: Tensor) -> Tensor:
+        """Flat embedding whose pull-back is the metric.
+
+        Parameters
+        ----------
+        z : Tensor, shape=[n, d]
+            Latent points.
+
+        Returns
+        -------
+        y : Tensor, shape=[n, D]
+        """
+        return self._embed(z)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        """Same as :meth:`embed`."""
+        return self.embed(z)
+
+
+def _flatten_output(out, z: Tensor, name: str) -> Tensor:
+    """Check a raw decoder output against its input and flatten it to ``(n, D)``."""
+    if isinstance(out, (tuple, list)):
+        raise TypeError(
+            f"{name} returned a {type(out).__name__} for input of shape {tuple(z.shape)}: "
+            "expected one tensor. For a decoder returning (mean, std) use GaussianDecoder."
+        )
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"{name} returned {type(out).__name__} for input of shape {tuple(z.shape)}: expected a torch.Tensor"
+        )
+    if not out.is_floating_point():
+        raise TypeError(
+            f"{name} returned dtype {out.dtype} for input of shape {tuple(z.shape)}: expected a floating "
+            "dtype, since geometry needs derivatives of the decoder (remove integer casts or rounding)"
+        )
+    batch = z.shape[:-1]
+    if out.shape[: len(batch)] != batch or out.dim() == len(batch):
+        raise ValueError(
+            f"{name} returned shape {tuple(out.shape)} for input {tuple(z.shape)}: expected "
+            f"{tuple(batch)} + (D,) or {tuple(batch)} + (C, H, W), the input's batch shape first"
+        )
+    return out.reshape(*batch, -1)
+
+
+class DeterministicDecoder(Decoder):
+    """A deterministic decoder ``f``; the metric is ``J_f^T J_f``.
+
+    Parameters
+    ----------
+    decoder : callable or nn.Module
+        Maps latent points ``(n, d)`` to outputs ``(n, *out)``.
+    """
+
+    def __init__(self, decoder: Callable[[Tensor], Tensor]):
+        self._f = _TorchFunction(decoder, "decoder")
+
+    def _embed(self, z: Tensor) -> Tensor:
+        return _flatten_output(self._f(z), z, "decoder")
+
+
+class GaussianDecoder(Decoder):
+    r"""A Gaussian decoder ``x = mu(z) + sigma(z) * eps``, ``eps ~ N(0, I)``.
+
+    The metric is the expected metric
+    :math:`E[J^T J] = J_\mu^T J_\mu + J_\sigma^T J_\sigma`, the pull-back
+    through the stacked map ``z -> [mu(z); sigma(z)]``.
+
+    Parameters
+    ----------
+    mean : callable or nn.Module
+        ``(n, d) -> (n, *out)``. If ``std`` is None, it must instead return a
+        pair ``(mean, std)`` of tensors of the same shape.
+    std : callable or nn.Module, optional
+        ``(n, d) -> (n, *out)``, the standard deviation (not the variance).
+    """
+
+    def __init__(self, mean: Callable, std: Callable | None = None):
+        self._mean = _TorchFunction(mean, "mean")
+        self._std = None if std is None else _TorchFunction(std, "std")
+
+    def mean_and_std(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Flat mean and standard deviation, each ``(n, D)``."""
+        if self._std is None:
+            out = self._mean(z)
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise TypeError(
+                    "GaussianDecoder(mean) with no std expects mean(z) to return a pair (mean, std); "
+                    f"got {type(out).__name__}. Pass std= as a second callable otherwise."
+                )
+            mu, sigma = out
+        else:
+            mu, sigma = self._mean(z), self._std(z)
+        mu = _flatten_output(mu, z, "mean")
+        sigma = _flatten_output(sigma, z, "std")
+        if mu.shape != sigma.shape:
+            raise ValueError(
+                f"mean returned {tuple(mu.shape)} but std returned {tuple(sigma.shape)} (flattened) "
+                f"for input {tuple(z.shape)}: they must have the same shape"
+            )
+        return mu, sigma
+
+    def _embed(self, z: Tensor) -> Tensor:
+        mu, sigma = self.mean_and_std(z)
+        return torch.cat([mu, sigma], dim=-1)
+
+
+class EnsembleDecoder(Decoder):
+    r"""An ensemble of decoders; the metric is :math:`\frac1M \sum_m J_m^T J_m`.
+
+    Parameters
+    ----------
+    members : sequence of callables or nn.Modules, or of :class:`Decoder`
+        The ``M`` members. A member that is a :class:`Decoder` (e.g. a
+        :class:`GaussianDecoder`) contributes its own expected metric.
+    """
+
+    def __init__(self, members: Sequence[Callable]):
+        members = list(members)
+        if not members:
+            raise ValueError("EnsembleDecoder needs at least one member")
+        self.members = [as_decoder(m) for m in members]
+
+    def _functions(self) -> list[_TorchFunction]:
+        return [fn for m in self.members for fn in m._functions()]
+        self._scale = 1.0 / math.sqrt(len(members))
+
+    def _embed(self, z: Tensor) -> Tensor:
+        return torch.cat([m.embed(z) for m in self.members], dim=-1) * self._scale
+
+
+def as_decoder(decoder) -> Decoder:
+    """Wrap a callable as a :class:`DeterministicDecoder`; pass a :class:`Decoder` through."""
+    if isinstance(decoder, Decoder):
+        return decoder
+    return DeterministicDecoder(decoder)

@@ -1,0 +1,360 @@
+r"""Geodesics: ``exp`` by ODE integration, ``log`` by shooting.
+
+* :func:`exp` / :func:`geodesic_ivp` integrate the first-order system
+  ``(z, v)' = (v, a(z, v))`` with :func:`torchdiffeq.odeint` (adaptive dopri5 by
+  default), all pairs in one solve. The step size is controlled by the worst
+  pair (a per-pair RMS error, maximized over pairs), so batching never trades
+  one pair's accuracy for another's.
+* :func:`shooting_log` solves ``exp_{z0}(v) = z1`` by damped Newton on the
+  end-point residual. The Jacobian ``dz(1)/dv`` comes from the variational
+  (Jacobi) equations integrated alongside the geodesic, by a JVP of the
+  geodesic acceleration. Only pairs still iterating are integrated.
+
+A solve that fails (step-size underflow, the step cap, non-finite values) is
+isolated by bisecting the batch, so one bad pair is flagged without taking its
+batch-mates down, and the work stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vmap
+from torchdiffeq import odeint
+
+from .geometry import Embedding, geodesic_acceleration
+
+__all__ = ["ODEOptions", "LogResult", "exp", "geodesic_ivp", "shooting_log"]
+
+_ADAPTIVE = {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"}
+
+
+@dataclass(frozen=True)
+class ODEOptions:
+    """Options of the geodesic ODE solves.
+
+    Parameters
+    ----------
+    method : str
+        A :func:`torchdiffeq.odeint` method. Default ``"dopri5"``.
+    rtol, atol : float, optional
+        Error tolerances. ``None`` picks them from the dtype: ``1e-7, 1e-9``
+        for float64 and ``1e-5, 1e-6`` for float32.
+    max_num_steps : int
+        Cap on the adaptive steps of one solve; a pair needing more is
+        flagged as failed instead of running unbounded.
+    step_size : float, optional
+        Step size of fixed-step methods (``"rk4"``, ``"euler"`` ...).
+    """
+
+    method: str = "dopri5"
+    rtol: float | None = None
+    atol: float | None = None
+    max_num_steps: int = 2000
+    step_size: float | None = None
+
+    def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
+        """``(rtol, atol)`` for ``dtype``."""
+        rtol_default, atol_default = (1e-7, 1e-9) if dtype == torch.float64 else (1e-5, 1e-6)
+        return (
+            rtol_default if self.rtol is None else self.rtol,
+            atol_default if self.atol is None else self.atol,
+        )
+
+
+def _default_log_tol(dtype: torch.dtype) -> float:
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
+def _per_pair_norm(n_pairs: int, n_controlled: int | None) -> Callable[[Tensor], Tensor]:
+    def norm(x: Tensor) -> Tensor:
+        return x.reshape(n_pairs, -1)[:, :n_controlled].pow(2).mean(-1).sqrt().max()
+
+    return norm
+
+
+def _odeint_flagged(
+    rhs, y0: Tensor, t: Tensor, options: ODEOptions, n_controlled: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Integrate ``(n, k)`` states; return ``(ys (n_t, n, k), ok (n,))``.
+
+    Only the first ``n_controlled`` state columns enter the error control
+    (all if None).
+
+    A failed solve is retried on each half of the batch, so failing pairs
+    end as NaN with ``ok = False`` and the others are still solved.
+    """
+    n = y0.shape[0]
+    rtol, atol = options.tolerances(y0.dtype)
+    if options.method in _ADAPTIVE:
+        solver_options = {"norm": _per_pair_norm(n, n_controlled), "max_num_steps": options.max_num_steps}
+    else:
+        solver_options = {} if options.step_size is None else {"step_size": options.step_size}
+    try:
+        ys = odeint(rhs, y0, t, rtol=rtol, atol=atol, method=options.method, options=solver_options)
+        ok = torch.isfinite(ys).all(dim=0).all(dim=-1)
+        return ys, ok
+    except AssertionError:  # torchdiffeq: dt underflow, max_num_steps, non-finite state
+        if n == 1:
+            return torch.full((len(t), 1, y0.shape[1]), float("nan"), dtype=y0.dtype, device=y0.device), torch.zeros(
+                1, dtype=torch.bool, device=y0.device
+            )
+        half = n // 2
+        ys_a, ok_a = _odeint_flagged(rhs, y0[:half], t, options, n_controlled)
+        ys_b, ok_b = _odeint_flagged(rhs, y0[half:], t, options, n_controlled)
+        return torch.cat([ys_a, ys_b], dim=1), torch.cat([ok_a, ok_b])
+
+
+def _geodesic_rhs(embed: Embedding, d: int, regularization: float):
+    def rhs(t: Tensor, y: Tensor) -> Tensor:
+        z, v = y[:, :d], y[:, d:]
+        return torch.cat([v, geodesic_acceleration(embed, z, v, regularization)], dim=-1)
+
+    return rhs
+
+
+def _times(t0: float, t1: float, like: Tensor) -> Tensor:
+    return torch.tensor([t0, t1], dtype=like.dtype, device=like.device)
+
+
+def exp(
+    embed: Embedding,
+    tangent_vec: Tensor,
+    base_point: Tensor,
+    options: ODEOptions = ODEOptions(),
+    regularization: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Exponential map: end point at ``t = 1`` of the geodesic with initial velocity ``tangent_vec``.
+
+    Parameters
+    ----------
+    embed : callable, ``(n, d) -> (n, D)``
+    tangent_vec, base_point : Tensor, shape=[n, d]
+    options : ODEOptions
+    regularization : float
+
+    Returns
+    -------
+    end_point : Tensor, shape=[n, d]
+        NaN where the solve failed.
+    ok : Tensor, shape=[n], bool
+    """
+    d = base_point.shape[-1]
+    y0 = torch.cat([base_point, tangent_vec], dim=-1)
+    ys, ok = _odeint_flagged(_geodesic_rhs(embed, d, regularization), y0, _times(0.0, 1.0, y0), options)
+    return ys[-1, :, :d], ok
+
+
+def geodesic_ivp(
+    embed: Embedding,
+    tangent_vec: Tensor,
+    base_point: Tensor,
+    times: Tensor,
+    options: ODEOptions = ODEOptions(),
+    regularization: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Points ``exp(t * tangent_vec)`` of the geodesic at the given times.
+
+    Parameters
+    ----------
+    embed : callable, ``(n, d) -> (n, D)``
+    tangent_vec, base_point : Tensor, shape=[n, d]
+    times : Tensor, shape=[n_t]
+        Any real times, in any order, repeats allowed.
+    options : ODEOptions
+    regularization : float
+
+    Returns
+    -------
+    path : Tensor, shape=[n, n_t, d]
+    ok : Tensor, shape=[n], bool
+    """
+    d = base_point.shape[-1]
+    y0 = torch.cat([base_point, tangent_vec], dim=-1)
+    times = times.to(dtype=y0.dtype, device=y0.device).reshape(-1)
+    rhs = _geodesic_rhs(embed, d, regularization)
+    out = torch.empty(y0.shape[0], times.shape[0], d, dtype=y0.dtype, device=y0.device)
+    ok = torch.ones(y0.shape[0], dtype=torch.bool, device=y0.device)
+    zero = torch.zeros(1, dtype=times.dtype, device=times.device)
+    # exp(t v) = exp(|t| sign(t) v): negative times are a forward solve with -v.
+    for sign in (1.0, -1.0):
+        mask = times * sign > 0
+        if not mask.any():
+            continue
+        grid, inverse = torch.unique(times[mask] * sign, sorted=True, return_inverse=True)
+        y0_signed = torch.cat([y0[:, :d], sign * y0[:, d:]], dim=-1)
+        ys, ok_part = _odeint_flagged(rhs, y0_signed, torch.cat([zero, grid]), options)
+        out[:, mask] = ys[1:, :, :d][inverse].transpose(0, 1)
+        ok &= ok_part
+    out[:, times == 0] = base_point[:, None, :]
+    return out, ok
+
+
+def _variational_rhs(embed: Embedding, d: int, regularization: float):
+    """Geodesic plus Jacobi equations for ``Phi = dz/dv0``, ``Psi = dv/dv0``."""
+
+    def acceleration(z: Tensor, v: Tensor) -> Tensor:
+        return geodesic_acceleration(embed, z, v, regularization)
+
+    def rhs(t: Tensor, y: Tensor) -> Tensor:
+        n = y.shape[0]
+        z, v = y[:, :d], y[:, d : 2 * d]
+        phi = y[:, 2 * d : 2 * d + d * d].reshape(n, d, d)
+        psi = y[:, 2 * d + d * d :].reshape(n, d, d)
+        a, da = vmap(lambda tz, tv: jvp(acceleration, (z, v), (tz, tv)), out_dims=(None, 0))(
+            phi.permute(2, 0, 1), psi.permute(2, 0, 1)
+        )
+        return torch.cat([v, a, psi.reshape(n, -1), da.permute(1, 2, 0).reshape(n, -1)], dim=-1)
+
+    return rhs
+
+
+def _shoot(embed, base_point, tangent_vec, options, regularization):
+    """End points, their Jacobians ``dz(1)/dv`` and success flags."""
+    n, d = base_point.shape
+    eye = torch.eye(d, dtype=base_point.dtype, device=base_point.device).reshape(1, d * d).expand(n, d * d)
+    y0 = torch.cat([base_point, tangent_vec, torch.zeros_like(eye), eye], dim=-1)
+    # The Jacobian only steers Newton: error control on the geodesic itself is enough.
+    ys, ok = _odeint_flagged(_variational_rhs(embed, d, regularization), y0, _times(0.0, 1.0, y0), options, 2 * d)
+    y1 = ys[-1]
+    return y1[:, :d], y1[:, 2 * d : 2 * d + d * d].reshape(n, d, d), ok
+
+
+@dataclass
+class LogResult:
+    """Solution of a batch of logarithm problems, with a convergence report per pair.
+
+    Attributes
+    ----------
+    tangent_vec : Tensor, shape=[..., d]
+        Initial velocity at the base point of the geodesic reaching the point at ``t = 1``.
+    converged : Tensor, shape=[...], bool
+        ``residual <= tol`` and the solves succeeded.
+    residual : Tensor, shape=[...]
+        Latent end-point error ``||exp(tangent_vec) - point||``; NaN where a solve failed.
+    n_iterations : Tensor, shape=[...], int
+        Newton iterations used for each pair.
+    tol : float
+        Convergence threshold on ``residual``.
+    method : str
+        Name of the solver that produced the result.
+    """
+
+    tangent_vec: Tensor
+    converged: Tensor
+    residual: Tensor
+    n_iterations: Tensor
+    tol: float
+    method: str = "shooting"
+
+    @property
+    def all_converged(self) -> bool:
+        """True when every pair converged."""
+        return bool(self.converged.all())
+
+    @property
+    def n_failed(self) -> int:
+        """Number of pairs that did not converge."""
+        return int((~self.converged).sum())
+
+    def summary(self) -> str:
+        """One line: how many pairs converged, and the worst residual."""
+        n = self.converged.numel()
+        finite = self.residual[torch.isfinite(self.residual)]
+        worst = float(finite.max()) if finite.numel() else float("nan")
+        return (
+            f"{self.method}: {n - self.n_failed}/{n} pairs converged (tol {self.tol:.1e}), "
+            f"max residual {worst:.2e}, max iterations {int(self.n_iterations.max()) if n else 0}"
+        )
+
+    def reshape(self, batch_shape: tuple[int, ...]) -> LogResult:
+        """The same result with batch shape ``batch_shape``."""
+        return replace(
+            self,
+            tangent_vec=self.tangent_vec.reshape(*batch_shape, self.tangent_vec.shape[-1]),
+            converged=self.converged.reshape(batch_shape),
+            residual=self.residual.reshape(batch_shape),
+            n_iterations=self.n_iterations.reshape(batch_shape),
+        )
+
+
+def shooting_log(
+    embed: Embedding,
+    point: Tensor,
+    base_point: Tensor,
+    initial_tangent_vec: Tensor | None = None,
+    options: ODEOptions = ODEOptions(),
+    regularization: float = 0.0,
+    tol: float | None = None,
+    max_iter: int = 50,
+    max_halvings: int = 10,
+) -> LogResult:
+    """Logarithm map by damped Newton shooting, batched.
+
+    Parameters
+    ----------
+    embed : callable, ``(n, d) -> (n, D)``
+    point, base_point : Tensor, shape=[n, d]
+    initial_tangent_vec : Tensor, shape=[n, d], optional
+        First guess (a warm start); the straight line ``point - base_point`` if None.
+    options : ODEOptions
+    regularization : float
+    tol : float, optional
+        Convergence threshold on the latent end-point error. Default ``1e-9``
+        (float64) or ``1e-4`` (float32).
+    max_iter : int
+        Newton iterations per pair.
+    max_halvings : int
+        Backtracking steps of the line search before a pair is declared stalled.
+
+    Returns
+    -------
+    result : LogResult
+    """
+    n, d = base_point.shape
+    tol = _default_log_tol(base_point.dtype) if tol is None else tol
+    v = (point - base_point).clone() if initial_tangent_vec is None else initial_tangent_vec.clone()
+    end, jac, ok = _shoot(embed, base_point, v, options, regularization)
+    residual_vec = end - point
+    residual = torch.linalg.vector_norm(residual_vec, dim=-1)
+    residual = torch.where(ok, residual, torch.full_like(residual, float("nan")))
+    n_iter = torch.zeros(n, dtype=torch.long, device=v.device)
+    failed = ~ok
+    for _ in range(max_iter):
+        active = ~failed & ~(residual <= tol)
+        if not active.any():
+            break
+        idx = active.nonzero().squeeze(-1)
+        n_iter[idx] += 1
+        # Newton direction, with a tiny Tikhonov term so a singular dz/dv (a conjugate point) stays finite.
+        J, r = jac[idx], residual_vec[idx]
+        JtJ = J.transpose(-1, -2) @ J
+        damping = 1e-12 * JtJ.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(J.dtype).tiny)
+        JtJ = JtJ + damping[:, None, None] * torch.eye(d, dtype=J.dtype, device=J.device)
+        step = -torch.linalg.solve(JtJ, (J.transpose(-1, -2) @ r.unsqueeze(-1))).squeeze(-1)
+        alpha = torch.ones(len(idx), dtype=v.dtype, device=v.device)
+        pending = torch.ones(len(idx), dtype=torch.bool, device=v.device)
+        for _ in range(max_halvings + 1):
+            sub = pending.nonzero().squeeze(-1)
+            if len(sub) == 0:
+                break
+            rows = idx[sub]
+            v_try = v[rows] + alpha[sub, None] * step[sub]
+            end_try, jac_try, ok_try = _shoot(embed, base_point[rows], v_try, options, regularization)
+            r_try = end_try - point[rows]
+            res_try = torch.linalg.vector_norm(r_try, dim=-1)
+            accept = ok_try & ((res_try <= (1 - 1e-4 * alpha[sub]) * residual[rows]) | (res_try <= tol))
+            acc_rows = rows[accept]
+            v[acc_rows] = v_try[accept]
+            residual_vec[acc_rows] = r_try[accept]
+            residual[acc_rows] = res_try[accept]
+            jac[acc_rows] = jac_try[accept]
+            pending[sub[accept]] = False
+            alpha[sub[~accept]] *= 0.5
+        # No decrease along the Newton direction, even with tiny steps: stalled.
+        failed[idx[pending]] = True
+    converged = ~torch.isnan(residual) & (residual <= tol)
+    return LogResult(tangent_vec=v, converged=converged, residual=residual, n_iterations=n_iter, tol=tol)

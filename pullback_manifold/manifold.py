@@ -1,0 +1,634 @@
+"""The latent space as a geomstats manifold with the decoder's pull-back metric.
+
+:class:`PullbackManifold` is an open subset of ``R^d`` (a geomstats
+``VectorSpaceOpenSet``) equipped with :class:`DecoderPullbackMetric`, a geomstats
+``RiemannianMetric``. ``exp`` and ``log`` are reached through geomstats' solver
+slots (``metric.exp_solver``, ``metric.log_solver``), so every geomstats tool that
+calls ``metric.exp``, ``metric.log``, ``metric.dist`` or ``metric.geodesic``
+(``FrechetMean``, ``TangentPCA``, ``RiemannianKMeans``, ``KMedoids``, ...) works
+on latent codes unchanged.
+
+Shape conventions are geomstats': a point is ``(d,)``, a batch ``(n, d)``, and
+batch shapes broadcast (one base point against many points). Results have the
+dtype and device of the inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ._backend import import_geomstats
+
+gs = import_geomstats()
+
+from geomstats.geometry.base import VectorSpaceOpenSet  # noqa: E402
+from geomstats.geometry.euclidean import Euclidean  # noqa: E402
+from geomstats.geometry.riemannian_metric import RiemannianMetric  # noqa: E402
+from geomstats.numerics.geodesic import ExpSolver, LogSolver  # noqa: E402
+
+from . import geometry  # noqa: E402
+from .decoders import Decoder, as_decoder  # noqa: E402
+from .errors import ConvergenceError, ConvergenceWarning, DecoderError  # noqa: E402
+from .geodesics import LogResult, ODEOptions, exp, geodesic_ivp, shooting_log  # noqa: E402
+
+__all__ = ["PullbackManifold", "DecoderPullbackMetric", "ODEExpSolver", "ShootingLogSolver"]
+
+_ON_FAILURE = ("warn", "raise", "ignore")
+
+
+class PullbackManifold(VectorSpaceOpenSet):
+    """Latent space ``R^d`` of a decoder, with the decoder's pull-back metric.
+
+    Parameters
+    ----------
+    decoder : callable, nn.Module or :class:`~pullback_manifold.Decoder`
+        Maps latent points ``(n, d)`` to outputs ``(n, *out)``. A plain callable
+        or module is a deterministic decoder (metric ``J^T J``); wrap it in
+        :class:`~pullback_manifold.GaussianDecoder` or
+        :class:`~pullback_manifold.EnsembleDecoder` for the expected metric.
+    dim : int
+        Latent dimension ``d``.
+    regularization : float
+        Opt-in ``eps >= 0``: the metric becomes ``J^T J + eps I``. Use it for
+        decoders whose Jacobian loses rank (dead units, ``d > rank``).
+    ode_options : ODEOptions, optional
+        Method, tolerances and step cap of the geodesic ODE solves.
+    log_tol : float, optional
+        Convergence threshold of ``log`` on the latent end-point error
+        (default ``1e-9`` for float64, ``1e-4`` for float32).
+    max_iter : int
+        Newton iterations of ``log`` per pair.
+    on_failure : {"warn", "raise", "ignore"}
+        What ``exp``/``log`` do when a pair fails: warn with
+        :class:`~pullback_manifold.ConvergenceWarning` (default), raise
+        :class:`~pullback_manifold.ConvergenceError`, or stay silent. The
+        per-pair report is always available from ``metric.solve_log``.
+    equip : bool
+        Equip the space with its metric (geomstats' convention).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pullback_manifold import PullbackManifold
+    >>> A = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+    >>> space = PullbackManifold(lambda z: z @ A.T, dim=2)
+    >>> z0 = torch.zeros(2, dtype=torch.float64)
+    >>> z1 = torch.ones(2, dtype=torch.float64)
+    >>> float(space.metric.dist(z0, z1))  # ||A (z1 - z0)||
+    3.0
+    """
+
+    def __init__(
+        self,
+        decoder: Callable[[Tensor], Tensor] | Decoder,
+        dim: int,
+        *,
+        regularization: float = 0.0,
+        ode_options: ODEOptions | None = None,
+        log_tol: float | None = None,
+        max_iter: int = 50,
+        on_failure: str = "warn",
+        equip: bool = True,
+    ):
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be a positive int (the latent dimension), got {dim!r}")
+        if regularization < 0:
+            raise ValueError(f"regularization must be >= 0, got {regularization}")
+        if on_failure not in _ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+        self.decoder = as_decoder(decoder)
+        self._metric_kwargs = dict(
+            regularization=float(regularization),
+            ode_options=ode_options or ODEOptions(),
+            log_tol=log_tol,
+            max_iter=max_iter,
+            on_failure=on_failure,
+        )
+        super().__init__(dim=dim, embedding_space=Euclidean(dim, equip=False), equip=equip)
+
+    def default_metric(self):
+        """The pull-back metric, with this space's solver settings."""
+        return DecoderPullbackMetric, dict(self._metric_kwargs)
+
+    def belongs(self, point, atol=gs.atol):
+        """Whether ``point`` is a finite latent point of dimension ``d``.
+
+        Parameters
+        ----------
+        point : array-like, shape=[..., d]
+        atol : float
+            Unused (the space is open).
+
+        Returns
+        -------
+        belongs : Tensor, shape=[...], bool
+        """
+        point = torch.as_tensor(point)
+        if point.shape[-1:] != (self.dim,):
+            return torch.zeros(point.shape[:-1], dtype=torch.bool)
+        return torch.isfinite(point).all(-1)
+
+    def projection(self, point):
+        """Identity: every finite point of ``R^d`` is a latent point.
+
+        Parameters
+        ----------
+        point : array-like, shape=[..., d]
+
+        Returns
+        -------
+        point : Tensor, shape=[..., d]
+        """
+        return torch.as_tensor(point)
+
+
+def _nan_rows(x: Tensor, ok: Tensor) -> Tensor:
+    return torch.where(ok.reshape(ok.shape + (1,) * (x.dim() - ok.dim())), x, torch.full_like(x, float("nan")))
+
+
+class DecoderPullbackMetric(RiemannianMetric):
+    """Pull-back metric ``G = J^T J`` of a decoder, as a geomstats ``RiemannianMetric``.
+
+    Built by :class:`PullbackManifold`; the parameters are documented there.
+    """
+
+    def __init__(
+        self,
+        space: PullbackManifold,
+        regularization: float = 0.0,
+        ode_options: ODEOptions | None = None,
+        log_tol: float | None = None,
+        max_iter: int = 50,
+        on_failure: str = "warn",
+    ):
+        super().__init__(space=space)
+        if on_failure not in _ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+        self.regularization = regularization
+        self.ode_options = ode_options or ODEOptions()
+        self.log_tol = log_tol
+        self.max_iter = max_iter
+        self.on_failure = on_failure
+        self.exp_solver = ODEExpSolver(self)
+        self.log_solver = ShootingLogSolver(self)
+        self._validated: set = set()
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def decoder(self) -> Decoder:
+        """The decoder whose pull-back this metric is."""
+        return self._space.decoder
+
+    @property
+    def dim(self) -> int:
+        """Latent dimension ``d``."""
+        return self._space.dim
+
+    def _embed(self, z: Tensor) -> Tensor:
+        return self.decoder.embed(z)
+
+    def _prepare(self, _points: str, _detach: bool = False, **arrays) -> tuple[list[Tensor], tuple[int, ...]]:
+        """Check and broadcast named inputs of shape ``(..., d)``; flatten them to ``(n, d)``.
+
+        Raises a ``TypeError``/``ValueError`` naming the offending argument
+        before any expensive work; the decoder is validated on the input named
+        ``_points``. ``_detach`` cuts autograd history (for the iterative solvers).
+        """
+        tensors = {}
+        for name, value in arrays.items():
+            if not isinstance(value, Tensor):
+                try:
+                    value = torch.as_tensor(value)
+                except (TypeError, ValueError, RuntimeError) as err:
+                    raise TypeError(f"{name} must be a tensor of shape (..., {self.dim}), got {type(value).__name__}") from err
+            if not value.is_floating_point():
+                raise TypeError(
+                    f"{name} has dtype {value.dtype}: expected a floating dtype (float32 or float64); "
+                    f"convert it with {name}.to(torch.float64)"
+                )
+            if value.dim() == 0 or value.shape[-1] != self.dim:
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)}: expected (..., {self.dim}), "
+                    f"the latent dimension of this space being {self.dim}"
+                )
+            if not torch.isfinite(value).all():
+                bad = (~torch.isfinite(value)).reshape(-1, self.dim).any(-1).nonzero()[0, 0].item()
+                raise ValueError(f"{name} contains NaN or Inf (first at flat index {bad}): pass finite latent points")
+            tensors[name] = value
+        devices = {t.device for t in tensors.values()}
+        if len(devices) > 1:
+            listing = ", ".join(f"{k} on {t.device}" for k, t in tensors.items())
+            raise ValueError(f"inputs are on different devices ({listing}): move them to one device")
+        dtype = tensors[next(iter(tensors))].dtype
+        for t in tensors.values():
+            dtype = torch.promote_types(dtype, t.dtype)
+        try:
+            batch_shape = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors.values()))
+        except RuntimeError:
+            listing = ", ".join(f"{k} {tuple(t.shape)}" for k, t in tensors.items())
+            raise ValueError(f"batch shapes do not broadcast: {listing}") from None
+        flat = [
+            (t.detach() if _detach else t).to(dtype).expand(*batch_shape, self.dim).reshape(-1, self.dim)
+            for t in tensors.values()
+        ]
+        self._validate_decoder(flat[list(tensors).index(_points)].detach())
+        return flat, tuple(batch_shape)
+
+    def _validate_decoder(self, z: Tensor) -> None:
+        """Check the decoder once per dtype/device on real points: output shape, finiteness, derivative."""
+        self.decoder.prepare(z.dtype, z.device)
+        key = (z.dtype, z.device)
+        if key in self._validated or z.shape[0] == 0:
+            return
+        probe = z[:2]
+        try:
+            out = self._embed(probe)
+        except (TypeError, ValueError):
+            raise
+        except RuntimeError as err:
+            raise DecoderError(
+                f"the decoder failed on latent points of shape {tuple(probe.shape)}, dtype {z.dtype}, "
+                f"device {z.device}: {err}. Pass points with the decoder's dtype and device, or an "
+                "nn.Module (which is cast to the points' dtype and device automatically)."
+            ) from err
+        if not torch.isfinite(out).all():
+            raise DecoderError(
+                f"the decoder returned NaN or Inf at latent points {probe.tolist()}: "
+                "the pull-back metric needs finite outputs"
+            )
+        if out.dtype != z.dtype:
+            raise DecoderError(
+                f"the decoder returned dtype {out.dtype} for {z.dtype} points: make it follow the input's "
+                "dtype (an nn.Module is cast automatically; for a plain callable, cast its weights)"
+            )
+        J = geometry.jacobian(self._embed, probe)
+        if not torch.any(J != 0):
+            raise DecoderError(
+                "the decoder's Jacobian is exactly zero at the probe points: its output does not depend "
+                "differentiably on z. Remove .detach(), .item(), rounding or integer casts from the decoder."
+            )
+        self._validated.add(key)
+
+    def _check_finite(self, value: Tensor, what: str, points: Tensor) -> Tensor:
+        if not torch.isfinite(value).all():
+            rows = (~torch.isfinite(value.reshape(points.shape[0], -1))).any(-1).nonzero().squeeze(-1)
+            hint = (
+                "the metric is singular there (rank-deficient Jacobian): pass regularization=eps "
+                "to PullbackManifold"
+                if what != "decoder output"
+                else "the decoder returns NaN/Inf there"
+            )
+            raise DecoderError(
+                f"{what} is not finite at {len(rows)} point(s), first {points[rows[0]].tolist()}: {hint}"
+            )
+        return value
+
+    def _report(self, n_failed: int, n_total: int, what: str) -> None:
+        if n_failed == 0 or self.on_failure == "ignore":
+            return
+        msg = (
+            f"{what}: {n_failed} of {n_total} pairs did not converge; their results are NaN (exp) or "
+            "unconverged (log). Call metric.solve_log(...) for the per-pair report, or loosen/raise "
+            "max_iter, ode_options.max_num_steps, or pass regularization."
+        )
+        if self.on_failure == "raise":
+            raise ConvergenceError(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ tensors
+    def metric_matrix(self, base_point=None):
+        """Metric matrix ``G = J^T J (+ eps I)``.
+
+        Parameters
+        ----------
+        base_point : array-like, shape=[..., d]
+
+        Returns
+        -------
+        mat : Tensor, shape=[..., d, d]
+        """
+        (z,), batch = self._prepare("base_point", base_point=base_point)
+        G = geometry.metric_matrix(self._embed, z, self.regularization)
+        return self._check_finite(G, "the metric", z).reshape(*batch, self.dim, self.dim)
+
+    def cometric_matrix(self, base_point=None):
+        """Inverse of the metric matrix.
+
+        Parameters
+        ----------
+        base_point : array-like, shape=[..., d]
+
+        Returns
+        -------
+        cometric : Tensor, shape=[..., d, d]
+        """
+        G = self.metric_matrix(base_point)
+        return torch.linalg.inv(G)
+
+    def inner_product_derivative_matrix(self, base_point=None):
+        """Derivative of the metric, ``mat[..., i, j, k] = d_k G_ij``.
+
+        Parameters
+        ----------
+        base_point : array-like, shape=[..., d]
+
+        Returns
+        -------
+        dG : Tensor, shape=[..., d, d, d]
+        """
+        (z,), batch = self._prepare("base_point", base_point=base_point)
+        dG = geometry.metric_derivative(self._embed, z)
+        return dG.reshape(*batch, self.dim, self.dim, self.dim)
+
+    def christoffels(self, base_point=None):
+        """Christoffel symbols by autodiff of the metric, contravariant index first.
+
+        Parameters
+        ----------
+        base_point : array-like, shape=[..., d]
+
+        Returns
+        -------
+        gamma : Tensor, shape=[..., d, d, d]
+            ``gamma[..., k, i, j]`` is ``Gamma^k_ij``.
+        """
+        (z,), batch = self._prepare("base_point", base_point=base_point)
+        gamma = geometry.christoffels(self._embed, z, self.regularization)
+        return self._check_finite(gamma, "the Christoffel symbols", z).reshape(*batch, *(self.dim,) * 3)
+
+    def riemann_tensor(self, base_point=None):
+        """Riemann tensor ``R_{ijk}^l`` (geomstats' index convention), by forward-mode autodiff.
+
+        Parameters
+        ----------
+        base_point : array-like, shape=[..., d]
+
+        Returns
+        -------
+        riemann : Tensor, shape=[..., d, d, d, d]
+        """
+        (z,), batch = self._prepare("base_point", base_point=base_point)
+        d = self.dim
+
+        def gamma_fn(x):
+            return geometry.christoffels(self._embed, x, self.regularization)
+
+        gamma = gamma_fn(z)
+        basis = torch.eye(d, dtype=z.dtype, device=z.device)[:, None, :].expand(d, z.shape[0], d)
+        dgamma = torch.func.vmap(lambda t: torch.func.jvp(gamma_fn, (z,), (t,))[1])(basis).permute(1, 2, 3, 4, 0)
+        prod = torch.einsum("...ijk,...klm->...ijlm", gamma, gamma)
+        riemann = (
+            torch.einsum("...ijlm->...lmji", dgamma)
+            - torch.einsum("...ijlm->...ljmi", dgamma)
+            + torch.einsum("...ijlm->...mjli", prod)
+            - torch.einsum("...ijlm->...lmji", prod)
+        )
+        return riemann.reshape(*batch, d, d, d, d)
+
+    def geodesic_acceleration(self, position, velocity):
+        """Geodesic acceleration ``-G^{-1} J^T d^2 f[v, v]`` by nested JVPs.
+
+        Parameters
+        ----------
+        position, velocity : array-like, shape=[..., d]
+
+        Returns
+        -------
+        acceleration : Tensor, shape=[..., d]
+        """
+        (z, v), batch = self._prepare("position", position=position, velocity=velocity)
+        acc = geometry.geodesic_acceleration(self._embed, z, v, self.regularization)
+        return self._check_finite(acc, "the geodesic acceleration", z).reshape(*batch, self.dim)
+
+    def geodesic_equation(self, state):
+        """Vector field of the geodesic ODE, geomstats' layout.
+
+        Parameters
+        ----------
+        state : array-like, shape=[..., 2, d]
+            Position ``state[..., 0, :]`` and velocity ``state[..., 1, :]``.
+
+        Returns
+        -------
+        derivative : Tensor, shape=[..., 2, d]
+        """
+        state = torch.as_tensor(state)
+        if state.dim() < 2 or state.shape[-2] != 2:
+            raise ValueError(f"state has shape {tuple(state.shape)}: expected (..., 2, {self.dim})")
+        velocity = state[..., 1, :]
+        return torch.stack([velocity, self.geodesic_acceleration(state[..., 0, :], velocity)], dim=-2)
+
+    # ------------------------------------------------------------- products
+    def inner_product(self, tangent_vec_a, tangent_vec_b, base_point=None):
+        """Inner product ``a^T G b`` at ``base_point``.
+
+        Parameters
+        ----------
+        tangent_vec_a, tangent_vec_b, base_point : array-like, shape=[..., d]
+
+        Returns
+        -------
+        inner_product : Tensor, shape=[...]
+        """
+        (a, b, z), batch = self._prepare(
+            "base_point", tangent_vec_a=tangent_vec_a, tangent_vec_b=tangent_vec_b, base_point=base_point
+        )
+        G = self._check_finite(geometry.metric_matrix(self._embed, z, self.regularization), "the metric", z)
+        return torch.einsum("ni,nij,nj->n", a, G, b).reshape(batch)
+
+    def squared_norm(self, vector, base_point=None):
+        """Squared norm ``v^T G v``.
+
+        Parameters
+        ----------
+        vector, base_point : array-like, shape=[..., d]
+
+        Returns
+        -------
+        sq_norm : Tensor, shape=[...]
+        """
+        return self.inner_product(vector, vector, base_point)
+
+    def norm(self, vector, base_point=None):
+        """Norm ``sqrt(v^T G v)``.
+
+        Parameters
+        ----------
+        vector, base_point : array-like, shape=[..., d]
+
+        Returns
+        -------
+        norm : Tensor, shape=[...]
+        """
+        return self.squared_norm(vector, base_point).clamp_min(0).sqrt()
+
+    def angle(self, tangent_vec_a, tangent_vec_b, base_point=None):
+        """Angle between two tangent vectors, in radians, in ``[0, pi]``.
+
+        Parameters
+        ----------
+        tangent_vec_a, tangent_vec_b, base_point : array-like, shape=[..., d]
+
+        Returns
+        -------
+        angle : Tensor, shape=[...]
+            NaN where either vector is zero.
+        """
+        (a, b, z), batch = self._prepare(
+            "base_point", tangent_vec_a=tangent_vec_a, tangent_vec_b=tangent_vec_b, base_point=base_point
+        )
+        G = self._check_finite(geometry.metric_matrix(self._embed, z, self.regularization), "the metric", z)
+        ab = torch.einsum("ni,nij,nj->n", a, G, b)
+        aa = torch.einsum("ni,nij,nj->n", a, G, a)
+        bb = torch.einsum("ni,nij,nj->n", b, G, b)
+        cos = ab / (aa * bb).sqrt()
+        return torch.arccos(cos.clamp(-1.0, 1.0)).reshape(batch)
+
+    def curve_length(self, curve):
+        """Length of a discretized latent curve, measured on the decoded curve.
+
+        Parameters
+        ----------
+        curve : array-like, shape=[..., n_nodes, d]
+
+        Returns
+        -------
+        length : Tensor, shape=[...]
+        """
+        curve = self._prepare_curve(curve)
+        return geometry.curve_length(self._embed, curve)
+
+    def curve_energy(self, curve):
+        """Energy ``1/2 int |d/dt f(c)|^2 dt`` of a discretized latent curve on ``t in [0, 1]``.
+
+        Parameters
+        ----------
+        curve : array-like, shape=[..., n_nodes, d]
+
+        Returns
+        -------
+        energy : Tensor, shape=[...]
+        """
+        curve = self._prepare_curve(curve)
+        return geometry.curve_energy(self._embed, curve)
+
+    def _prepare_curve(self, curve) -> Tensor:
+        curve = torch.as_tensor(curve)
+        if curve.dim() < 2 or curve.shape[-2] < 2:
+            raise ValueError(f"curve has shape {tuple(curve.shape)}: expected (..., n_nodes >= 2, {self.dim})")
+        (flat,), _ = self._prepare("curve", curve=curve)
+        return flat.reshape(curve.shape).to(flat.dtype)
+
+    # ------------------------------------------------------------ geodesics
+    def solve_log(self, point, base_point, initial_tangent_vec=None) -> LogResult:
+        """Logarithm map with a per-pair convergence report; never warns.
+
+        Parameters
+        ----------
+        point, base_point : array-like, shape=[..., d]
+        initial_tangent_vec : array-like, shape=[..., d], optional
+            Warm start (e.g. the previous solution in an iterative algorithm).
+
+        Returns
+        -------
+        result : LogResult
+            ``tangent_vec`` ``(..., d)``; ``converged``, ``residual``,
+            ``n_iterations`` ``(...)``.
+        """
+        if initial_tangent_vec is None:
+            (z1, z0), batch = self._prepare("base_point", True, point=point, base_point=base_point)
+            init = None
+        else:
+            (z1, z0, init), batch = self._prepare(
+                "base_point", True, point=point, base_point=base_point, initial_tangent_vec=initial_tangent_vec
+            )
+        result = shooting_log(
+            self._embed,
+            z1,
+            z0,
+            initial_tangent_vec=init,
+            options=self.ode_options,
+            regularization=self.regularization,
+            tol=self.log_tol,
+            max_iter=self.max_iter,
+        )
+        return result.reshape(batch)
+
+    def squared_dist(self, point_a, point_b):
+        """Squared geodesic distance, ``||log_a(b)||^2_G``.
+
+        Parameters
+        ----------
+        point_a, point_b : array-like, shape=[..., d]
+
+        Returns
+        -------
+        sq_dist : Tensor, shape=[...]
+        """
+        log = self.log(point_b, point_a)
+        return self.squared_norm(log, point_a)
+
+    def dist(self, point_a, point_b):
+        """Geodesic distance.
+
+        Parameters
+        ----------
+        point_a, point_b : array-like, shape=[..., d]
+
+        Returns
+        -------
+        dist : Tensor, shape=[...]
+        """
+        return self.squared_dist(point_a, point_b).clamp_min(0).sqrt()
+
+
+class ODEExpSolver(ExpSolver):
+    """geomstats exp solver: the geodesic ODE integrated with torchdiffeq."""
+
+    def __init__(self, metric: DecoderPullbackMetric):
+        super().__init__(solves_ivp=True)
+        self.metric = metric
+
+    def exp(self, tangent_vec, base_point):
+        """End point of the geodesic, shape ``(..., d)`` (see ``Connection.exp``)."""
+        m = self.metric
+        (v, z), batch = m._prepare("base_point", True, tangent_vec=tangent_vec, base_point=base_point)
+        end, ok = exp(m._embed, v, z, m.ode_options, m.regularization)
+        m._report(int((~ok).sum()), len(ok), "exp")
+        return _nan_rows(end, ok).reshape(*batch, m.dim)
+
+    def geodesic_ivp(self, tangent_vec, base_point):
+        """Geodesic ``t -> exp(t v)``; ``path(t)`` is ``(n_t, d)`` or ``(n, n_t, d)``."""
+        m = self.metric
+        (v, z), batch = m._prepare("base_point", True, tangent_vec=tangent_vec, base_point=base_point)
+
+        def path(t):
+            times = torch.as_tensor(t).reshape(-1)
+            points, ok = geodesic_ivp(m._embed, v, z, times, m.ode_options, m.regularization)
+            m._report(int((~ok).sum()), len(ok), "geodesic")
+            return _nan_rows(points, ok).reshape(*batch, times.shape[0], m.dim)
+
+        return path
+
+
+class ShootingLogSolver(LogSolver):
+    """geomstats log solver: batched damped-Newton shooting."""
+
+    def __init__(self, metric: DecoderPullbackMetric):
+        super().__init__(solves_bvp=True)
+        self.metric = metric
+
+    def log(self, point, base_point):
+        """Initial velocity of the geodesic from ``base_point`` to ``point``, shape ``(..., d)``."""
+        result = self.metric.solve_log(point, base_point)
+        self.metric._report(result.n_failed, result.converged.numel(), "log")
+        return result.tangent_vec
+
+    def geodesic_bvp(self, point, base_point):
+        """Geodesic from ``base_point`` to ``point``; ``path(t)`` is ``(n_t, d)`` or ``(n, n_t, d)``."""
+        tangent_vec = self.log(point, base_point)
+        return self.metric.exp_solver.geodesic_ivp(tangent_vec, base_point)

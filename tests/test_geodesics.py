@@ -1,0 +1,136 @@
+"""exp, log, dist and geodesics against closed-form truth; convergence reporting."""
+
+import warnings
+
+import pytest
+import torch
+
+from decoders_zoo import great_circle, inverse_stereographic, linear_decoder, sample_cap, tanh_mlp
+from pullback_manifold import ConvergenceError, ConvergenceWarning, PullbackManifold
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def linear():
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(6, 3, generator=g, dtype=F64)
+    b = torch.randn(6, generator=g, dtype=F64)
+    return PullbackManifold(linear_decoder(A, b), dim=3), A
+
+
+@pytest.fixture(scope="module")
+def sphere():
+    return PullbackManifold(inverse_stereographic, dim=2)
+
+
+def test_linear_exp_is_straight_line(linear):
+    space, _ = linear
+    z0, v = torch.randn(2, 10, 3, dtype=F64)
+    torch.testing.assert_close(space.metric.exp(v, z0), z0 + v, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_log_and_dist(linear):
+    space, A = linear
+    z0, z1 = torch.randn(2, 10, 3, dtype=F64) * 2
+    result = space.metric.solve_log(z1, z0)
+    assert result.all_converged
+    torch.testing.assert_close(result.tangent_vec, z1 - z0, rtol=1e-10, atol=1e-10)
+    dist = space.metric.dist(z0, z1)
+    expected = ((z1 - z0) @ A.T).norm(dim=-1)
+    assert ((dist - expected).abs() / expected).max() < 1e-8
+
+
+def test_linear_geodesic_is_straight(linear):
+    space, _ = linear
+    z0, z1 = torch.randn(2, 3, dtype=F64)
+    t = torch.linspace(0, 1, 5, dtype=F64)
+    path = space.metric.geodesic(initial_point=z0, end_point=z1)(t)
+    torch.testing.assert_close(path, z0 + t[:, None] * (z1 - z0), rtol=1e-9, atol=1e-9)
+
+
+def test_sphere_dist_is_great_circle_up_to_2_5_rad(sphere):
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = sample_cap(60, 1.25, g), sample_cap(60, 1.25, g)
+    angle = great_circle(inverse_stereographic(z0), inverse_stereographic(z1))
+    assert angle.max() > 2.0  # the test covers long geodesics
+    result = sphere.metric.solve_log(z1, z0)
+    assert result.all_converged, result.summary()
+    dist = sphere.metric.dist(z0, z1)
+    rel = (dist - angle).abs() / angle
+    assert rel.max() < 1e-6, rel.max()
+
+
+def test_sphere_exp_of_log_returns_end_point(sphere):
+    g = torch.Generator().manual_seed(1)
+    z0, z1 = sample_cap(40, 1.25, g), sample_cap(40, 1.25, g)
+    v = sphere.metric.log(z1, z0)
+    assert (sphere.metric.exp(v, z0) - z1).norm(dim=-1).max() < 1e-7
+
+
+def test_sphere_exp_matches_closed_form(sphere):
+    """exp of a unit-speed vector at the north pole lands at that angle from the pole."""
+    z0 = torch.zeros(5, 2, dtype=F64)
+    direction = torch.nn.functional.normalize(torch.randn(5, 2, dtype=F64), dim=-1)
+    angle = torch.linspace(0.2, 2.5, 5, dtype=F64)
+    v = direction * angle[:, None] / 2  # metric at 0 is 4 I
+    end = sphere.metric.exp(v, z0)
+    torch.testing.assert_close(great_circle(inverse_stereographic(end), inverse_stereographic(z0)), angle)
+
+
+def test_geodesic_ivp_times_and_shapes(sphere):
+    z0 = torch.tensor([[0.1, 0.2], [-0.3, 0.1]], dtype=F64)
+    v = torch.tensor([[0.5, 0.0], [0.1, -0.4]], dtype=F64)
+    path = sphere.metric.geodesic(initial_point=z0, initial_tangent_vec=v)
+    t = torch.tensor([1.0, 0.0, -0.5, 0.5, 1.0], dtype=F64)
+    points = path(t)
+    assert points.shape == (2, 5, 2)
+    torch.testing.assert_close(points[:, 1], z0)
+    torch.testing.assert_close(points[:, 0], points[:, 4])
+    torch.testing.assert_close(points[:, 0], sphere.metric.exp(v, z0))
+    torch.testing.assert_close(points[:, 2], sphere.metric.exp(-0.5 * v, z0))
+    single = sphere.metric.geodesic(initial_point=z0[0], initial_tangent_vec=v[0])(0.5)
+    assert single.shape == (1, 2)
+
+
+def test_log_norm_equals_geodesic_length(sphere):
+    """Constant speed: ||log||_G equals the length of the decoded geodesic."""
+    z0 = torch.tensor([0.3, -0.2], dtype=F64)
+    z1 = torch.tensor([-0.6, 0.5], dtype=F64)
+    curve = sphere.metric.geodesic(initial_point=z0, end_point=z1)(torch.linspace(0, 1, 4001, dtype=F64))
+    length = sphere.metric.curve_length(curve)
+    torch.testing.assert_close(length, sphere.metric.dist(z0, z1), rtol=1e-6, atol=0)
+
+
+def test_nonconvergence_is_flagged_and_warned():
+    space = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, max_iter=1)
+    z0 = torch.zeros(3, 2, dtype=F64)
+    z1 = torch.tensor([[2.0, -1.5], [-2.5, 2.0], [1e-3, 0.0]], dtype=F64)
+    report = space.metric.solve_log(z1, z0)
+    assert not report.all_converged
+    assert not report.converged[:2].any()
+    assert (report.residual[~report.converged] > report.tol).all()
+    assert (report.n_iterations <= 1).all()
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        space.metric.log(z1, z0)
+
+
+def test_on_failure_raise_and_ignore():
+    z0 = torch.zeros(2, 2, dtype=F64)
+    z1 = torch.tensor([[2.0, -1.5], [-2.5, 2.0]], dtype=F64)
+    raising = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, max_iter=1, on_failure="raise")
+    with pytest.raises(ConvergenceError):
+        raising.metric.log(z1, z0)
+    silent = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, max_iter=1, on_failure="ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        silent.metric.log(z1, z0)
+
+
+def test_warm_start_from_solution_needs_no_iteration(sphere):
+    g = torch.Generator().manual_seed(5)
+    z0, z1 = sample_cap(8, 1.0, g), sample_cap(8, 1.0, g)
+    cold = sphere.metric.solve_log(z1, z0)
+    warm = sphere.metric.solve_log(z1, z0, initial_tangent_vec=cold.tangent_vec)
+    assert cold.n_iterations.min() >= 1
+    assert warm.all_converged and (warm.n_iterations == 0).all()
