@@ -62,11 +62,14 @@ class _TorchFunction:
         self._cache: dict = {}
 
     def _state(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        cached = self._cache.get((dtype, device))
+        top_level = torch._C._functorch.peek_interpreter_stack() is None
+        if cached is not None and not top_level:
+            return cached[1]  # validated by prepare() at the public entry point
         module = self.fn
         named = list(module.named_parameters()) + list(module.named_buffers())
         # _version changes on in-place updates (optimizer steps): recast then.
-        key = (tuple((id(t), t._version) for _, t in named))
-        cached = self._cache.get((dtype, device))
+        key = tuple((id(t), t._version) for _, t in named)
         if cached is not None and cached[0] == key:
             return cached[1]
         state = {
@@ -75,7 +78,7 @@ class _TorchFunction:
         }
         # Tensors made inside a torch.func transform belong to its level: caching them
         # would leak them into later transforms, so only cache at top level.
-        if torch._C._functorch.peek_interpreter_stack() is None:
+        if top_level:
             self._cache[(dtype, device)] = (key, state)
         return state
 

@@ -179,8 +179,12 @@ def geodesic_acceleration(embed: Embedding, z: Tensor, v: Tensor, regularization
     acceleration : Tensor, shape=[n, d]
         NaN in rows where ``G`` is not positive definite.
     """
-    J = jacobian(embed, z)
-    _, h = second_derivative(embed, z, v)
+    n, d = z.shape
+    # One vmapped nested JVP gives both J (outer tangents e_i) and d2f[v, v] (outer tangent v).
+    tangents = torch.cat([_basis(z), v[None]], dim=0)
+    _, (columns, second) = vmap(lambda t: jvp(lambda x: jvp(embed, (x,), (v,)), (z,), (t,)))(tangents)
+    J = columns[:d].permute(1, 2, 0)
+    h = second[d]
     G = _regularize(J.transpose(-1, -2) @ J, regularization)
     return -_solve_spd(G, (J.transpose(-1, -2) @ h.unsqueeze(-1)).squeeze(-1))
 

@@ -1,0 +1,175 @@
+"""Shape, dtype, device and module-handling contract; input validation; backend setup."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from decoders_zoo import inverse_stereographic, tanh_mlp
+from pullback_manifold import DecoderError, PullbackManifold
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def space():
+    return PullbackManifold(tanh_mlp(2, 6, hidden=8, seed=1), dim=2)
+
+
+def test_single_point_and_batch_shapes(space):
+    m = space.metric
+    z = torch.tensor([0.1, -0.2], dtype=F64)
+    Z = torch.randn(4, 2, dtype=F64) * 0.3
+    assert m.metric_matrix(z).shape == (2, 2)
+    assert m.metric_matrix(Z).shape == (4, 2, 2)
+    assert m.metric_matrix(Z.reshape(2, 2, 2)).shape == (2, 2, 2, 2)
+    assert m.christoffels(z).shape == (2, 2, 2)
+    assert m.inner_product(z, z, z).shape == ()
+    assert m.exp(z, z).shape == (2,)
+    assert m.exp(Z, Z).shape == (4, 2)
+    assert m.log(z, z * 0).shape == (2,)
+    assert m.dist(z, z * 0).shape == ()
+
+
+def test_one_base_point_broadcasts_against_many(space):
+    m = space.metric
+    base = torch.tensor([0.2, 0.1], dtype=F64)
+    points = torch.randn(5, 2, dtype=F64) * 0.4
+    many = m.log(points, base)
+    assert many.shape == (5, 2)
+    one_by_one = torch.stack([m.log(p, base) for p in points])
+    torch.testing.assert_close(many, one_by_one, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(m.dist(base, points), m.dist(points, base), rtol=1e-6, atol=1e-8)
+    assert m.inner_product(points, points, base).shape == (5,)
+
+
+def test_float32_decoder_with_float32_points_gives_float32():
+    net = tanh_mlp(2, 6, hidden=8, seed=1, dtype=torch.float32)
+    space = PullbackManifold(net, dim=2)
+    z0 = torch.tensor([[0.1, -0.2], [0.3, 0.2]])
+    z1 = torch.tensor([[-0.4, 0.5], [0.0, -0.3]])
+    for out in (space.metric.metric_matrix(z0), space.metric.exp(z1, z0), space.metric.log(z1, z0), space.metric.dist(z0, z1)):
+        assert out.dtype == torch.float32
+    report = space.metric.solve_log(z1, z0)
+    assert report.all_converged, report.summary()
+
+
+def test_float32_and_float64_agree():
+    net = tanh_mlp(2, 6, hidden=8, seed=1, dtype=torch.float32)
+    space = PullbackManifold(net, dim=2)  # the module is cast to the points' dtype
+    z0 = torch.tensor([[0.1, -0.2], [0.3, 0.2]])
+    z1 = torch.tensor([[-0.4, 0.5], [0.0, -0.3]])
+    d32 = space.metric.dist(z0, z1)
+    d64 = space.metric.dist(z0.double(), z1.double())
+    assert d64.dtype == F64
+    torch.testing.assert_close(d32.double(), d64, rtol=1e-4, atol=1e-5)
+
+
+def test_import_keeps_torch_default_dtype():
+    code = "import torch; import pullback_manifold; print(torch.get_default_dtype())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch.float32"
+
+
+def test_geomstats_imported_with_another_backend_is_a_clear_error():
+    code = "import geomstats.backend\nimport pullback_manifold"
+    env = {**os.environ, "GEOMSTATS_BACKEND": "numpy"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode != 0
+    if np.__version__ < "2.4":  # geomstats 2.8 itself imports under older numpy
+        assert "BackendError" in out.stderr and "'numpy' backend" in out.stderr
+
+
+def test_requesting_another_backend_is_a_clear_error():
+    env = {**os.environ, "GEOMSTATS_BACKEND": "autograd"}
+    out = subprocess.run([sys.executable, "-c", "import pullback_manifold"], capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "GEOMSTATS_BACKEND='autograd'" in out.stderr
+
+
+def test_module_left_untouched():
+    net = tanh_mlp(2, 6, hidden=8, seed=1)
+    net.train()
+    space = PullbackManifold(net, dim=2)
+    z0 = torch.zeros(2, dtype=F64)
+    z1 = torch.tensor([0.3, 0.4], dtype=F64, requires_grad=True)
+    space.metric.dist(z0, z1)
+    space.metric.metric_matrix(z1).sum().backward()
+    assert net.training  # eval mode only during geometry
+    assert all(p.grad is None for p in net.parameters())
+    assert next(net.parameters()).dtype == F64
+
+
+def test_dropout_is_off_during_geometry():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 4))
+    net.train()
+    space = PullbackManifold(net, dim=2)
+    z = torch.randn(3, 2)
+    torch.testing.assert_close(space.metric.metric_matrix(z), space.metric.metric_matrix(z))
+
+
+def test_image_decoder_outputs_are_flattened():
+    lin = torch.nn.Linear(2, 2 * 3 * 3).double()
+    decoder = lambda z: lin(z).reshape(*z.shape[:-1], 2, 3, 3)  # noqa: E731
+    space = PullbackManifold(decoder, dim=2)
+    z = torch.randn(4, 2, dtype=F64)
+    torch.testing.assert_close(space.metric.metric_matrix(z), (lin.weight.T @ lin.weight).expand(4, 2, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        (dict(base_point=torch.zeros(3, dtype=F64)), ValueError, "base_point has shape (3,)"),
+        (dict(base_point=torch.zeros(2, dtype=torch.int64)), TypeError, "base_point has dtype torch.int64"),
+        (dict(base_point=torch.tensor([0.0, float("nan")], dtype=F64)), ValueError, "base_point contains NaN"),
+    ],
+)
+def test_bad_points(space, kwargs, error, fragment):
+    with pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        space.metric.metric_matrix(**kwargs)
+
+
+def test_mismatched_batch_shapes(space):
+    with pytest.raises(ValueError, match="batch shapes do not broadcast"):
+        space.metric.log(torch.zeros(3, 2, dtype=F64), torch.zeros(4, 2, dtype=F64))
+
+
+def test_decoder_with_wrong_batch_shape():
+    space = PullbackManifold(lambda z: z.sum(0), dim=2)
+    with pytest.raises(ValueError, match=r"decoder returned shape \(2,\) for input \(2, 2\)"):
+        space.metric.metric_matrix(torch.zeros(2, 2, dtype=F64))
+
+
+def test_decoder_returning_nan():
+    space = PullbackManifold(lambda z: z.log(), dim=2)
+    with pytest.raises(DecoderError, match="NaN or Inf"):
+        space.metric.metric_matrix(torch.tensor([-1.0, 1.0], dtype=F64))
+
+
+def test_decoder_without_derivative():
+    space = PullbackManifold(lambda z: torch.tanh(z).detach(), dim=2)
+    with pytest.raises(DecoderError, match="Jacobian is exactly zero"):
+        space.metric.metric_matrix(torch.ones(2, dtype=F64))
+    integer = PullbackManifold(lambda z: (z * 10).long(), dim=2)
+    with pytest.raises(TypeError, match="floating"):
+        integer.metric.metric_matrix(torch.ones(2, dtype=F64))
+
+
+def test_space_construction_errors():
+    with pytest.raises(ValueError, match="dim must be a positive int"):
+        PullbackManifold(inverse_stereographic, dim=0)
+    with pytest.raises(ValueError, match="on_failure"):
+        PullbackManifold(inverse_stereographic, dim=2, on_failure="explode")
+    with pytest.raises(TypeError, match="decoder must be a torch callable"):
+        PullbackManifold("not a decoder", dim=2)
+
+
+def test_belongs_and_random_point():
+    space = PullbackManifold(inverse_stereographic, dim=2)
+    assert space.belongs(torch.zeros(2)).item()
+    assert not space.belongs(torch.tensor([float("inf"), 0.0])).item()
+    assert space.belongs(torch.zeros(3, 2)).shape == (3,)
+    assert space.random_point(5).shape == (5, 2)
