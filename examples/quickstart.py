@@ -50,8 +50,8 @@ def main(out: pathlib.Path) -> None:
     metric = space.metric
 
     # A geodesic across the hill, and the straight line it replaces.
-    z0 = torch.tensor([-1.6, -0.25], dtype=dtype)
-    z1 = torch.tensor([1.6, 0.25], dtype=dtype)
+    z0 = torch.tensor([-1.5, -0.45], dtype=dtype)
+    z1 = torch.tensor([1.5, 0.05], dtype=dtype)
     t = torch.linspace(0, 1, 200, dtype=dtype)
     start = time.perf_counter()
     report = metric.solve_log(z1, z0)
@@ -65,10 +65,10 @@ def main(out: pathlib.Path) -> None:
     print(f"decoded straight-line length {float(metric.curve_length(straight)):.4f}")
     print(f"Euclidean latent distance    {float((z1 - z0).norm()):.4f}")
 
-    # Fréchet mean of a ring of points around the hill: the Euclidean average
-    # sits on the summit, the Riemannian mean stays in the flat plain.
-    angles = torch.linspace(0, 1.2 * torch.pi, 12, dtype=dtype)
-    points = torch.stack([1.2 * angles.cos(), 1.2 * angles.sin()], -1)
+    # Fréchet mean of points on an arc along the hill's flank: the Euclidean
+    # average falls inside the arc, up the slope; the Fréchet mean stays near the arc.
+    angles = torch.linspace(-0.9, 0.9, 10, dtype=dtype)
+    points = torch.stack([0.9 * angles.cos(), 0.9 * angles.sin()], -1)
     estimator = FrechetMean(space)
     estimator.optimizer.epsilon = 1e-12
     start = time.perf_counter()

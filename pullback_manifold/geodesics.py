@@ -13,6 +13,10 @@ r"""Geodesics: ``exp`` by ODE integration, ``log`` by shooting.
 A solve that fails (step-size underflow, the step cap, non-finite values) is
 isolated by bisecting the batch, so one bad pair is flagged without taking its
 batch-mates down, and the work stays bounded.
+
+The solvers run under ``torch.no_grad()``: forward-mode derivatives are all they
+need, and a decoder closing over trainable parameters must not record an
+autograd graph across hundreds of ODE steps.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .geometry import Embedding, geodesic_acceleration
+from .geometry import Embedding, curve_energy, geodesic_acceleration
 
-__all__ = ["ODEOptions", "LogResult", "exp", "geodesic_ivp", "shooting_log"]
+__all__ = ["ODEOptions", "LogResult", "exp", "geodesic_ivp", "shooting_log", "discrete_geodesic"]
 
 _ADAPTIVE = {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"}
 
@@ -52,7 +56,7 @@ class ODEOptions:
     method: str = "dopri5"
     rtol: float | None = None
     atol: float | None = None
-    max_num_steps: int = 2000
+    max_num_steps: int = 500
     step_size: float | None = None
 
     def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
@@ -121,6 +125,7 @@ def _times(t0: float, t1: float, like: Tensor) -> Tensor:
     return torch.tensor([t0, t1], dtype=like.dtype, device=like.device)
 
 
+@torch.no_grad()
 def exp(
     embed: Embedding,
     tangent_vec: Tensor,
@@ -149,6 +154,7 @@ def exp(
     return ys[-1, :, :d], ok
 
 
+@torch.no_grad()
 def geodesic_ivp(
     embed: Embedding,
     tangent_vec: Tensor,
@@ -293,6 +299,47 @@ class LogResult:
         )
 
 
+def discrete_geodesic(
+    embed: Embedding, point: Tensor, base_point: Tensor, n_nodes: int = 16, max_iter: int = 200
+) -> Tensor:
+    """Minimize the energy of a piecewise-linear latent curve with fixed end points, batched.
+
+    Only first derivatives of the decoder are used (L-BFGS on the decoded curve's
+    energy), so it also works where the geodesic ODE is degenerate, and it sees the
+    whole curve at once: a robust first guess for shooting on hard pairs.
+
+    Parameters
+    ----------
+    embed : callable, ``(m, d) -> (m, D)``
+    point, base_point : Tensor, shape=[n, d]
+    n_nodes : int
+        Interior nodes of the curve.
+    max_iter : int
+        L-BFGS iterations.
+
+    Returns
+    -------
+    curve : Tensor, shape=[n, n_nodes + 2, d]
+        Nodes at uniform times ``0, 1/(n_nodes+1), ..., 1``.
+    """
+    t = torch.linspace(0, 1, n_nodes + 2, dtype=point.dtype, device=point.device)[1:-1, None]
+    inner = (base_point[:, None] + t * (point - base_point)[:, None]).detach().requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [inner], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15
+    )
+
+    def closure():
+        curve = torch.cat([base_point[:, None], inner, point[:, None]], dim=1)
+        energy = curve_energy(embed, curve).sum()
+        # autograd.grad, not backward(): nothing accumulates into decoder parameters
+        (inner.grad,) = torch.autograd.grad(energy, inner)
+        return energy
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return torch.cat([base_point[:, None], inner.detach(), point[:, None]], dim=1)
+
+
 def shooting_log(
     embed: Embedding,
     point: Tensor,
@@ -302,7 +349,8 @@ def shooting_log(
     regularization: float = 0.0,
     tol: float | None = None,
     max_iter: int = 50,
-    max_halvings: int = 10,
+    max_halvings: int = 4,
+    fallback: bool = True,
 ) -> LogResult:
     """Logarithm map by damped Newton shooting, batched.
 
@@ -321,12 +369,42 @@ def shooting_log(
     max_iter : int
         Newton iterations per pair.
     max_halvings : int
-        Backtracking steps of the line search before a pair is declared stalled.
+        Backtracking steps of the line search before the damping grows.
+    fallback : bool
+        Pairs that do not converge from the first guess are solved again from
+        the initial velocity of a :func:`discrete_geodesic` (Newton from a
+        straight line can fall into a spurious minimum of the residual when
+        the geodesic bends strongly).
 
     Returns
     -------
     result : LogResult
     """
+    result = _newton_shooting(
+        embed, point, base_point, initial_tangent_vec, options, regularization, tol, max_iter, max_halvings
+    )
+    if not fallback or result.all_converged:
+        return result
+    retry = (~result.converged).nonzero().squeeze(-1)
+    curve = discrete_geodesic(embed, point[retry], base_point[retry])
+    guess = (curve[:, 1] - curve[:, 0]) * (curve.shape[1] - 1)
+    second = _newton_shooting(
+        embed, point[retry], base_point[retry], guess, options, regularization, tol, max_iter, max_halvings
+    )
+    better = second.converged | ~(second.residual >= result.residual[retry])  # NaN-safe: keep the smaller
+    rows = retry[better]
+    result.tangent_vec[rows] = second.tangent_vec[better]
+    result.converged[rows] = second.converged[better]
+    result.residual[rows] = second.residual[better]
+    result.n_iterations[retry] += second.n_iterations
+    return result
+
+
+@torch.no_grad()
+def _newton_shooting(
+    embed, point, base_point, initial_tangent_vec, options, regularization, tol, max_iter, max_halvings
+) -> LogResult:
+    """Damped Newton / Levenberg-Marquardt shooting from one first guess (see :func:`shooting_log`)."""
     n, d = base_point.shape
     tol = _default_log_tol(base_point.dtype) if tol is None else tol
     rtol_final, atol_final = options.tolerances(base_point.dtype)
@@ -360,11 +438,18 @@ def shooting_log(
         measured_at[rows] = opts.tolerances(v.dtype)[0]
         failed[rows[~ok_new]] = True
 
+    # Levenberg-Marquardt damping per pair: 0 is Newton; it grows when a line search
+    # fails (the step turns towards steepest descent of |r|^2) and shrinks on success.
+    damping = torch.zeros(n, dtype=v.dtype, device=v.device)
+    eye = torch.eye(d, dtype=v.dtype, device=v.device)
+    final_only = level is options
     for _ in range(max_iter):
         active = ~failed & ~((residual <= pair_tol) & (measured_at == rtol_final))
         if not active.any():
             break
-        opts = level_for(float((residual[active] / scale[active]).max()))
+        # Once at full accuracy, stay there: switching back and forth only re-measures.
+        opts = options if final_only else level_for(float((residual[active] / scale[active]).max()))
+        final_only = opts is options
         rtol_now = opts.tolerances(v.dtype)[0]
         stale = active & (measured_at != rtol_now)
         if stale.any():
@@ -374,12 +459,17 @@ def shooting_log(
         n_iter[idx] += 1
         # Residuals of a loose solve carry its error: accept any step that ends below it.
         floor = torch.maximum(pair_tol[idx], 100 * rtol_now * scale[idx]) if opts is loose else pair_tol[idx]
-        # Newton direction, with a tiny Tikhonov term so a singular dz/dv (a conjugate point) stays finite.
         J, r = jac[idx], residual_vec[idx]
         JtJ = J.transpose(-1, -2) @ J
-        damping = 1e-12 * JtJ.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(J.dtype).tiny)
-        JtJ = JtJ + damping[:, None, None] * torch.eye(d, dtype=J.dtype, device=J.device)
-        step = -torch.linalg.solve(JtJ, (J.transpose(-1, -2) @ r.unsqueeze(-1))).squeeze(-1)
+        trace = JtJ.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(J.dtype).tiny) / d
+        # a tiny Tikhonov floor keeps a singular dz/dv (a conjugate point) finite
+        lam = (damping[idx] + 1e-12) * trace
+        step = -torch.linalg.solve(JtJ + lam[:, None, None] * eye, (J.transpose(-1, -2) @ r.unsqueeze(-1))).squeeze(-1)
+        # Trust region: a step longer than the current velocity plus the chord is not
+        # trusted (it sends trial geodesics far out, where solves are long and useless).
+        radius = torch.linalg.vector_norm(v[idx], dim=-1) + torch.linalg.vector_norm(point[idx] - base_point[idx], dim=-1)
+        step_norm = torch.linalg.vector_norm(step, dim=-1).clamp_min(torch.finfo(step.dtype).tiny)
+        step = step * (radius / step_norm).clamp(max=1.0)[:, None]
         alpha = torch.ones(len(idx), dtype=v.dtype, device=v.device)
         pending = torch.ones(len(idx), dtype=torch.bool, device=v.device)
         for _ in range(max_halvings + 1):
@@ -399,11 +489,15 @@ def shooting_log(
             jac[acc_rows] = jac_try[accept]
             pending[sub[accept]] = False
             alpha[sub[~accept]] *= 0.5
-        if opts is options:
-            # No decrease along the Newton direction, even with tiny steps, at full accuracy: stalled.
-            failed[idx[pending]] = True
-        elif pending.any():
-            # The loose solve cannot resolve these pairs any further: go on at full accuracy.
-            measure(idx[pending], options)
+        damping[idx[~pending]] *= 0.1
+        stuck = idx[pending]
+        if len(stuck):
+            if opts is loose:
+                # The loose solve cannot resolve these pairs any further: go on at full accuracy.
+                measure(stuck, options)
+                final_only = True
+            damping[stuck] = torch.where(damping[stuck] == 0, torch.full_like(damping[stuck], 1e-3), damping[stuck] * 100)
+            # No decrease even along (nearly) steepest descent at full accuracy: stalled.
+            failed[stuck[damping[stuck] > 1e5]] = True
     converged = ~torch.isnan(residual) & (residual <= pair_tol) & (measured_at == rtol_final)
     return LogResult(tangent_vec=v, converged=converged, residual=residual, n_iterations=n_iter, tol=tol)

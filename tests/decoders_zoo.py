@@ -54,8 +54,8 @@ def tanh_mlp(latent_dim: int, output_dim: int, hidden: int = 32, seed: int = 0, 
 
 
 def rotation_angle(z: torch.Tensor) -> torch.Tensor:
-    """theta(|z|) = 1.5 |z|^2 of the norm-dependent rotation (smooth at 0: no sqrt)."""
-    return 1.5 * (z**2).sum(-1)
+    """theta(|z|) = |z|^2 of the norm-dependent rotation (smooth at 0: no sqrt)."""
+    return (z**2).sum(-1)
 
 
 def _rotate(z: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:

@@ -31,13 +31,13 @@ def test_swirl_is_a_reparametrization():
 def test_geodesic_distances_are_invariant_euclidean_are_not(two_parametrizations):
     original, reparametrized = two_parametrizations
     g = torch.Generator().manual_seed(0)
-    z0 = torch.randn(12, 2, generator=g, dtype=F64) * 0.8
-    z1 = torch.randn(12, 2, generator=g, dtype=F64) * 0.8
+    z0 = torch.randn(6, 2, generator=g, dtype=F64) * 0.45
+    z1 = torch.randn(6, 2, generator=g, dtype=F64) * 0.45
     w0, w1 = swirl(z0), swirl(z1)
 
     euclidean_z = (z1 - z0).norm(dim=-1)
     euclidean_w = (w1 - w0).norm(dim=-1)
-    assert ((euclidean_w - euclidean_z).abs() / euclidean_z).max() > 0.3  # the reparametrization matters
+    assert ((euclidean_w - euclidean_z).abs() / euclidean_z).max() > 0.2  # the reparametrization matters
 
     d_original = original.metric.dist(z0, z1)
     d_reparametrized = reparametrized.metric.dist(w0, w1)
@@ -55,7 +55,7 @@ def _frechet_mean(space, points):
 def test_frechet_mean_maps_by_the_reparametrization(two_parametrizations, float64_default):
     original, reparametrized = two_parametrizations
     g = torch.Generator().manual_seed(1)
-    z = torch.randn(8, 2, generator=g, dtype=F64) * 0.5 + torch.tensor([0.4, -0.2], dtype=F64)
+    z = torch.randn(6, 2, generator=g, dtype=F64) * 0.3 + torch.tensor([0.4, -0.2], dtype=F64)
     mean_z = _frechet_mean(original, z)
     mean_w = _frechet_mean(reparametrized, swirl(z))
     torch.testing.assert_close(mean_w, swirl(mean_z), rtol=0, atol=1e-6)
