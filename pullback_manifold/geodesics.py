@@ -332,7 +332,8 @@ def discrete_geodesic(
         curve = torch.cat([base_point[:, None], inner, point[:, None]], dim=1)
         energy = curve_energy(embed, curve).sum()
         # autograd.grad, not backward(): nothing accumulates into decoder parameters
-        (inner.grad,) = torch.autograd.grad(energy, inner)
+        (grad,) = torch.autograd.grad(energy, inner)
+        inner.grad = grad.contiguous()
         return energy
 
     with torch.enable_grad():

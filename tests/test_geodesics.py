@@ -110,7 +110,7 @@ def test_nonconvergence_is_flagged_and_warned():
     assert not report.all_converged
     assert not report.converged[:2].any()
     assert (report.residual[:2] > report.tol).all()
-    assert (report.n_iterations <= 1).all()
+    assert (report.n_iterations <= 2).all()  # one Newton step from each of the two first guesses
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         space.metric.log(z1, z0)
 
