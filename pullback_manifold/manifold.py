@@ -247,8 +247,6 @@ class DecoderPullbackMetric(RiemannianMetric):
         probe = z[:2]
         try:
             out = self._embed(probe)
-        except (TypeError, ValueError):
-            raise
         except RuntimeError as err:
             raise DecoderError(
                 f"the decoder failed on latent points of shape {tuple(probe.shape)}, dtype {z.dtype}, "
