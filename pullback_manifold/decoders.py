@@ -239,10 +239,10 @@ class EnsembleDecoder(Decoder):
         if not members:
             raise ValueError("EnsembleDecoder needs at least one member")
         self.members = [as_decoder(m) for m in members]
+        self._scale = 1.0 / math.sqrt(len(members))
 
     def _functions(self) -> list[_TorchFunction]:
         return [fn for m in self.members for fn in m._functions()]
-        self._scale = 1.0 / math.sqrt(len(members))
 
     def _embed(self, z: Tensor) -> Tensor:
         return torch.cat([m.embed(z) for m in self.members], dim=-1) * self._scale
