@@ -8,7 +8,14 @@ from ._backend import BackendError, import_geomstats
 
 import_geomstats()
 
-from .decoders import Decoder, DeterministicDecoder, EnsembleDecoder, GaussianDecoder, as_decoder  # noqa: E402
+from .decoders import (  # noqa: E402
+    Decoder,
+    DeterministicDecoder,
+    EnsembleDecoder,
+    GaussianDecoder,
+    MetricDecoder,
+    as_decoder,
+)
 from .errors import ConvergenceError, ConvergenceWarning, DecoderError  # noqa: E402
 from .geodesics import LogResult, ODEOptions  # noqa: E402
 from .manifold import DecoderPullbackMetric, PullbackManifold  # noqa: E402
@@ -22,6 +29,7 @@ __all__ = [
     "DeterministicDecoder",
     "GaussianDecoder",
     "EnsembleDecoder",
+    "MetricDecoder",
     "as_decoder",
     "ODEOptions",
     "LogResult",

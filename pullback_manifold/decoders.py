@@ -28,6 +28,7 @@ __all__ = [
     "DeterministicDecoder",
     "GaussianDecoder",
     "EnsembleDecoder",
+    "MetricDecoder",
     "as_decoder",
 ]
 
@@ -246,6 +247,35 @@ class EnsembleDecoder(Decoder):
 
     def _embed(self, z: Tensor) -> Tensor:
         return torch.cat([m.embed(z) for m in self.members], dim=-1) * self._scale
+
+
+class MetricDecoder(Decoder):
+    """A decoder whose (expected) metric is given directly rather than as a pull-back.
+
+    For models such as the Gaussian-process decoder, whose expected metric
+    ``E[J]^T E[J] + D Cov[J]`` is not ``J^T J`` of any single map. The geometry
+    then differentiates :meth:`metric` itself: Christoffel symbols and the
+    geodesic equation come from ``dG`` by the Koszul formula, and curve lengths
+    use the metric at segment midpoints. :meth:`embed` (the predictive mean)
+    is used for decoding and pictures only.
+
+    Subclasses implement :meth:`metric` with plain torch operations, so that
+    ``torch.func.jvp``/``vmap`` and reverse-mode autograd run through it.
+    """
+
+    @abc.abstractmethod
+    def metric(self, z: Tensor) -> Tensor:
+        """The metric at a batch of latent points.
+
+        Parameters
+        ----------
+        z : Tensor, shape=[n, d]
+
+        Returns
+        -------
+        G : Tensor, shape=[n, d, d]
+            Symmetric positive (semi-)definite.
+        """
 
 
 def as_decoder(decoder) -> Decoder:

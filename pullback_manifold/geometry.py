@@ -23,7 +23,10 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-Embedding = Callable[[Tensor], Tensor]
+from .decoders import MetricDecoder
+
+# A map whose pull-back is the metric, or a MetricDecoder giving the metric directly.
+Embedding = Callable[[Tensor], Tensor] | MetricDecoder
 
 __all__ = [
     "jacobian",
@@ -60,6 +63,8 @@ def jacobian(embed: Embedding, z: Tensor) -> Tensor:
     -------
     J : Tensor, shape=[n, D, d]
     """
+    if isinstance(embed, MetricDecoder):
+        raise TypeError(f"{type(embed).__name__} gives its metric directly and has no single Jacobian")
     return _directional_derivatives(embed, z, _basis(z)).permute(1, 2, 0)
 
 
@@ -83,6 +88,8 @@ def metric_matrix(embed: Embedding, z: Tensor, regularization: float = 0.0) -> T
     -------
     G : Tensor, shape=[n, d, d]
     """
+    if isinstance(embed, MetricDecoder):
+        return _regularize(embed.metric(z), regularization)
     J = jacobian(embed, z)
     return _regularize(J.transpose(-1, -2) @ J, regularization)
 
@@ -179,6 +186,8 @@ def geodesic_acceleration(embed: Embedding, z: Tensor, v: Tensor, regularization
     acceleration : Tensor, shape=[n, d]
         NaN in rows where ``G`` is not positive definite.
     """
+    if isinstance(embed, MetricDecoder):
+        return _metric_field_acceleration(embed, z, v, regularization)
     n, d = z.shape
     # One vmapped nested JVP gives both J (outer tangents e_i) and d2f[v, v] (outer tangent v).
     tangents = torch.cat([_basis(z), v[None]], dim=0)
@@ -187,6 +196,27 @@ def geodesic_acceleration(embed: Embedding, z: Tensor, v: Tensor, regularization
     h = second[d]
     G = _regularize(J.transpose(-1, -2) @ J, regularization)
     return -_solve_spd(G, (J.transpose(-1, -2) @ h.unsqueeze(-1)).squeeze(-1))
+
+
+def _metric_field_acceleration(field: MetricDecoder, z: Tensor, v: Tensor, regularization: float) -> Tensor:
+    r"""``-Gamma(v, v) = -G^{-1} (dG[v] v - 1/2 grad_z (v^T G v))`` from ``d + 1`` JVPs of ``G``."""
+    tangents = torch.cat([_basis(z), v[None]], dim=0)
+    G, dGs = vmap(lambda t: jvp(field.metric, (z,), (t,)), out_dims=(None, 0))(tangents)
+    d = z.shape[-1]
+    along_v = (dGs[d] @ v.unsqueeze(-1)).squeeze(-1)  # dG[v] v
+    gradient = torch.einsum("kni,knij,nj->nk", v.expand(d, *v.shape), dGs[:d], v)  # d_k (v^T G v)
+    return -_solve_spd(_regularize(G, regularization), along_v - 0.5 * gradient)
+
+
+def _squared_speeds(embed: Embedding, curve: Tensor) -> Tensor:
+    """``|f(c_{i+1}) - f(c_i)|^2`` per segment, or ``dc^T G(midpoint) dc`` for a metric field."""
+    if isinstance(embed, MetricDecoder):
+        *batch, n_nodes, d = curve.shape
+        steps = curve[..., 1:, :] - curve[..., :-1, :]
+        midpoints = (0.5 * (curve[..., 1:, :] + curve[..., :-1, :])).reshape(-1, d)
+        G = embed.metric(midpoints).reshape(*batch, n_nodes - 1, d, d)
+        return torch.einsum("...i,...ij,...j->...", steps, G, steps)
+    return _decoded_increments(embed, curve).pow(2).sum(-1)
 
 
 def _decoded_increments(embed: Embedding, curve: Tensor) -> Tensor:
@@ -199,6 +229,8 @@ def curve_length(embed: Embedding, curve: Tensor) -> Tensor:
     """Length of the decoded polygon ``embed(c_0), ..., embed(c_{n-1})``.
 
     Converges to the Riemannian length of the latent curve as it is refined.
+    For a :class:`~pullback_manifold.decoders.MetricDecoder`, the sum of
+    ``sqrt(dc^T G(midpoint) dc)`` over the segments.
 
     Parameters
     ----------
@@ -209,6 +241,8 @@ def curve_length(embed: Embedding, curve: Tensor) -> Tensor:
     -------
     length : Tensor, shape=[...]
     """
+    if isinstance(embed, MetricDecoder):
+        return _squared_speeds(embed, curve).clamp_min(0).sqrt().sum(-1)
     return torch.linalg.vector_norm(_decoded_increments(embed, curve), dim=-1).sum(-1)
 
 
@@ -226,6 +260,5 @@ def curve_energy(embed: Embedding, curve: Tensor) -> Tensor:
     -------
     energy : Tensor, shape=[...]
     """
-    increments = _decoded_increments(embed, curve)
-    n_segments = increments.shape[-2]
-    return 0.5 * n_segments * increments.pow(2).sum((-1, -2))
+    squared = _squared_speeds(embed, curve)
+    return 0.5 * squared.shape[-1] * squared.sum(-1)

@@ -31,7 +31,7 @@ from geomstats.geometry.riemannian_metric import RiemannianMetric  # noqa: E402
 from geomstats.numerics.geodesic import ExpSolver, LogSolver  # noqa: E402
 
 from . import geometry  # noqa: E402
-from .decoders import Decoder, as_decoder  # noqa: E402
+from .decoders import Decoder, MetricDecoder, as_decoder  # noqa: E402
 from .errors import ConvergenceError, ConvergenceWarning, DecoderError  # noqa: E402
 from .geodesics import LogResult, ODEOptions, exp, geodesic_ivp, shooting_log  # noqa: E402
 
@@ -188,8 +188,11 @@ class DecoderPullbackMetric(RiemannianMetric):
         """Latent dimension ``d``."""
         return self._space.dim
 
-    def _embed(self, z: Tensor) -> Tensor:
-        return self.decoder.embed(z)
+    @property
+    def _embed(self):
+        """What the geometry functions differentiate: the decoder's map, or the decoder itself
+        when it gives its metric directly (:class:`MetricDecoder`)."""
+        return self.decoder if isinstance(self.decoder, MetricDecoder) else self.decoder.embed
 
     def _prepare(self, _points: str, _detach: bool = False, **arrays) -> tuple[list[Tensor], tuple[int, ...]]:
         """Check and broadcast named inputs of shape ``(..., d)``; flatten them to ``(n, d)``.
@@ -263,6 +266,16 @@ class DecoderPullbackMetric(RiemannianMetric):
                 f"the decoder returned dtype {out.dtype} for {z.dtype} points: make it follow the input's "
                 "dtype (an nn.Module is cast automatically; for a plain callable, cast its weights)"
             )
+        if isinstance(self.decoder, MetricDecoder):
+            G = self.decoder.metric(probe)
+            if G.shape != (probe.shape[0], self.dim, self.dim) or not torch.isfinite(G).all():
+                raise DecoderError(
+                    f"{type(self.decoder).__name__}.metric returned shape {tuple(G.shape)} with "
+                    f"finite={bool(torch.isfinite(G).all())} for input {tuple(probe.shape)}: expected finite "
+                    f"({probe.shape[0]}, {self.dim}, {self.dim})"
+                )
+            self._validated.add(key)
+            return
         J = geometry.jacobian(self._embed, probe)
         if not torch.any(J != 0):
             raise DecoderError(
