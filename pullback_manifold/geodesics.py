@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .geometry import Embedding, curve_energy, geodesic_acceleration
+from .geometry import Embedding, geodesic_acceleration
 
-__all__ = ["ODEOptions", "LogResult", "exp", "geodesic_ivp", "shooting_log", "discrete_geodesic"]
+__all__ = ["ODEOptions", "LogResult", "exp", "geodesic_ivp", "shooting_log"]
 
 _ADAPTIVE = {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"}
 
@@ -256,9 +256,16 @@ class LogResult:
     n_iterations : Tensor, shape=[...], int
         Newton iterations used for each pair.
     tol : float
-        Convergence threshold on ``residual``, relative to ``1 + max|point|``.
+        Convergence threshold on ``residual``, relative to ``1 + max|point|``
+        (shooting pairs).
     method : str
-        Name of the solver that produced the result.
+        The method asked for: ``"shooting"``, ``"energy"`` or ``"auto"``.
+    from_energy : Tensor, shape=[...], bool
+        Pairs answered by the discrete-geodesic (energy) method. Their
+        ``residual`` is the estimated relative error of the geodesic length,
+        judged against ``energy_rtol``, not an end-point error.
+    energy_rtol : float, optional
+        Threshold on the energy method's relative length error.
     """
 
     tangent_vec: Tensor
@@ -267,6 +274,12 @@ class LogResult:
     n_iterations: Tensor
     tol: float
     method: str = "shooting"
+    from_energy: Tensor | None = None
+    energy_rtol: float | None = None
+
+    def __post_init__(self):
+        if self.from_energy is None:
+            self.from_energy = torch.zeros_like(self.converged)
 
     @property
     def all_converged(self) -> bool:
@@ -283,8 +296,10 @@ class LogResult:
         n = self.converged.numel()
         finite = self.residual[torch.isfinite(self.residual)]
         worst = float(finite.max()) if finite.numel() else float("nan")
+        n_energy = int(self.from_energy.sum())
+        energy = f", {n_energy} answered by the energy method" if n_energy else ""
         return (
-            f"{self.method}: {n - self.n_failed}/{n} pairs converged (tol {self.tol:.1e}), "
+            f"{self.method}: {n - self.n_failed}/{n} pairs converged (tol {self.tol:.1e}){energy}, "
             f"max residual {worst:.2e}, max iterations {int(self.n_iterations.max()) if n else 0}"
         )
 
@@ -296,49 +311,8 @@ class LogResult:
             converged=self.converged.reshape(batch_shape),
             residual=self.residual.reshape(batch_shape),
             n_iterations=self.n_iterations.reshape(batch_shape),
+            from_energy=self.from_energy.reshape(batch_shape),
         )
-
-
-def discrete_geodesic(
-    embed: Embedding, point: Tensor, base_point: Tensor, n_nodes: int = 16, max_iter: int = 200
-) -> Tensor:
-    """Minimize the energy of a piecewise-linear latent curve with fixed end points, batched.
-
-    Only first derivatives of the decoder are used (L-BFGS on the decoded curve's
-    energy), so it also works where the geodesic ODE is degenerate, and it sees the
-    whole curve at once: a robust first guess for shooting on hard pairs.
-
-    Parameters
-    ----------
-    embed : callable, ``(m, d) -> (m, D)``
-    point, base_point : Tensor, shape=[n, d]
-    n_nodes : int
-        Interior nodes of the curve.
-    max_iter : int
-        L-BFGS iterations.
-
-    Returns
-    -------
-    curve : Tensor, shape=[n, n_nodes + 2, d]
-        Nodes at uniform times ``0, 1/(n_nodes+1), ..., 1``.
-    """
-    t = torch.linspace(0, 1, n_nodes + 2, dtype=point.dtype, device=point.device)[1:-1, None]
-    inner = (base_point[:, None] + t * (point - base_point)[:, None]).detach().requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [inner], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15
-    )
-
-    def closure():
-        curve = torch.cat([base_point[:, None], inner, point[:, None]], dim=1)
-        energy = curve_energy(embed, curve).sum()
-        # autograd.grad, not backward(): nothing accumulates into decoder parameters
-        (grad,) = torch.autograd.grad(energy, inner)
-        inner.grad = grad.contiguous()
-        return energy
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return torch.cat([base_point[:, None], inner.detach(), point[:, None]], dim=1)
 
 
 def shooting_log(
@@ -351,13 +325,12 @@ def shooting_log(
     tol: float | None = None,
     max_iter: int = 50,
     max_halvings: int = 4,
-    fallback: bool = True,
 ) -> LogResult:
-    """Logarithm map by damped Newton shooting, batched.
+    """Logarithm map by damped Newton shooting from one first guess, batched.
 
     Parameters
     ----------
-    embed : callable, ``(n, d) -> (n, D)``
+    embed : callable ``(n, d) -> (n, D)``, or a MetricDecoder
     point, base_point : Tensor, shape=[n, d]
     initial_tangent_vec : Tensor, shape=[n, d], optional
         First guess (a warm start); the straight line ``point - base_point`` if None.
@@ -371,34 +344,14 @@ def shooting_log(
         Newton iterations per pair.
     max_halvings : int
         Backtracking steps of the line search before the damping grows.
-    fallback : bool
-        Pairs that do not converge from the first guess are solved again from
-        the initial velocity of a :func:`discrete_geodesic` (Newton from a
-        straight line can fall into a spurious minimum of the residual when
-        the geodesic bends strongly).
 
     Returns
     -------
     result : LogResult
     """
-    result = _newton_shooting(
+    return _newton_shooting(
         embed, point, base_point, initial_tangent_vec, options, regularization, tol, max_iter, max_halvings
     )
-    if not fallback or result.all_converged:
-        return result
-    retry = (~result.converged).nonzero().squeeze(-1)
-    curve = discrete_geodesic(embed, point[retry], base_point[retry])
-    guess = (curve[:, 1] - curve[:, 0]) * (curve.shape[1] - 1)
-    second = _newton_shooting(
-        embed, point[retry], base_point[retry], guess, options, regularization, tol, max_iter, max_halvings
-    )
-    better = second.converged | ~(second.residual >= result.residual[retry])  # NaN-safe: keep the smaller
-    rows = retry[better]
-    result.tangent_vec[rows] = second.tangent_vec[better]
-    result.converged[rows] = second.converged[better]
-    result.residual[rows] = second.residual[better]
-    result.n_iterations[retry] += second.n_iterations
-    return result
 
 
 @torch.no_grad()

@@ -33,7 +33,9 @@ from geomstats.numerics.geodesic import ExpSolver, LogSolver  # noqa: E402
 from . import geometry  # noqa: E402
 from .decoders import Decoder, MetricDecoder, as_decoder  # noqa: E402
 from .errors import ConvergenceError, ConvergenceWarning, DecoderError  # noqa: E402
-from .geodesics import LogResult, ODEOptions, exp, geodesic_ivp, shooting_log  # noqa: E402
+from .discrete import energy_log, interpolate_curve  # noqa: E402
+from .geodesics import LogResult, ODEOptions, exp, geodesic_ivp  # noqa: E402
+from .logarithm import METHODS, is_piecewise_linear, log_map  # noqa: E402
 
 __all__ = ["PullbackManifold", "DecoderPullbackMetric", "ODEExpSolver", "ShootingLogSolver"]
 
@@ -62,6 +64,18 @@ class PullbackManifold(VectorSpaceOpenSet):
         to ``1 + max|point|`` (default ``1e-8`` for float64, ``2e-5`` for float32).
     max_iter : int
         Newton iterations of ``log`` per pair.
+    log_method : {"auto", "shooting", "energy"}
+        How ``log`` solves the boundary-value problem (see
+        :mod:`pullback_manifold.logarithm`): ``"auto"`` (default) shoots from a
+        discrete geodesic's initial velocity and falls back to the energy
+        method; ``"energy"`` is the method for ReLU-like decoders, which
+        ``"auto"`` detects.
+    energy_rtol : float, optional
+        Tolerance of the energy method on its estimated relative length error
+        (default ``1e-5`` for float64, ``1e-4`` for float32).
+    chunk_size : int, optional
+        ``log`` solves at most this many pairs at once (bounded memory);
+        default 4096.
     on_failure : {"warn", "raise", "ignore"}
         What ``exp``/``log`` do when a pair fails: warn with
         :class:`~pullback_manifold.ConvergenceWarning` (default), raise
@@ -91,6 +105,9 @@ class PullbackManifold(VectorSpaceOpenSet):
         ode_options: ODEOptions | None = None,
         log_tol: float | None = None,
         max_iter: int = 50,
+        log_method: str = "auto",
+        energy_rtol: float | None = None,
+        chunk_size: int | None = 4096,
         on_failure: str = "warn",
         equip: bool = True,
     ):
@@ -100,12 +117,17 @@ class PullbackManifold(VectorSpaceOpenSet):
             raise ValueError(f"regularization must be >= 0, got {regularization}")
         if on_failure not in _ON_FAILURE:
             raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+        if log_method not in METHODS:
+            raise ValueError(f"log_method must be one of {METHODS}, got {log_method!r}")
         self.decoder = as_decoder(decoder)
         self._metric_kwargs = dict(
             regularization=float(regularization),
             ode_options=ode_options or ODEOptions(),
             log_tol=log_tol,
             max_iter=max_iter,
+            log_method=log_method,
+            energy_rtol=energy_rtol,
+            chunk_size=chunk_size,
             on_failure=on_failure,
         )
         super().__init__(dim=dim, embedding_space=Euclidean(dim, equip=False), equip=equip)
@@ -163,16 +185,25 @@ class DecoderPullbackMetric(RiemannianMetric):
         ode_options: ODEOptions | None = None,
         log_tol: float | None = None,
         max_iter: int = 50,
+        log_method: str = "auto",
+        energy_rtol: float | None = None,
+        chunk_size: int | None = 4096,
         on_failure: str = "warn",
     ):
         super().__init__(space=space)
         if on_failure not in _ON_FAILURE:
             raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+        if log_method not in METHODS:
+            raise ValueError(f"log_method must be one of {METHODS}, got {log_method!r}")
         self.regularization = regularization
         self.ode_options = ode_options or ODEOptions()
         self.log_tol = log_tol
         self.max_iter = max_iter
+        self.log_method = log_method
+        self.energy_rtol = energy_rtol
+        self.chunk_size = chunk_size
         self.on_failure = on_failure
+        self._piecewise_linear: dict = {}
         self.exp_solver = ODEExpSolver(self)
         self.log_solver = ShootingLogSolver(self)
         self._validated: set = set()
@@ -282,6 +313,7 @@ class DecoderPullbackMetric(RiemannianMetric):
                 "the decoder's Jacobian is exactly zero at the probe points: its output does not depend "
                 "differentiably on z. Remove .detach(), .item(), rounding or integer casts from the decoder."
             )
+        self._piecewise_linear[key] = is_piecewise_linear(self._embed, probe)
         self._validated.add(key)
 
     def _check_finite(self, value: Tensor, what: str, points: Tensor) -> Tensor:
@@ -535,7 +567,26 @@ class DecoderPullbackMetric(RiemannianMetric):
         return flat.reshape(curve.shape).to(flat.dtype)
 
     # ------------------------------------------------------------ geodesics
-    def solve_log(self, point, base_point, initial_tangent_vec=None) -> LogResult:
+    def is_piecewise_linear(self, dtype: torch.dtype = None, device=None) -> bool:
+        """Whether the decoder was found ReLU-like (zero second derivative, varying metric).
+
+        Decided on the first points the metric is used with, per dtype and
+        device; ``log_method="auto"`` then uses the energy method, and
+        geodesics are discrete geodesics.
+        """
+        if dtype is None:
+            return any(self._piecewise_linear.values())
+        return self._piecewise_linear.get((dtype, torch.device(device) if device else torch.device("cpu")), False)
+
+    def solve_log(
+        self,
+        point,
+        base_point,
+        initial_tangent_vec=None,
+        method: str | None = None,
+        chunk_size: int | None = None,
+        progress: bool = False,
+    ) -> LogResult:
         """Logarithm map with a per-pair convergence report; never warns.
 
         Parameters
@@ -543,13 +594,22 @@ class DecoderPullbackMetric(RiemannianMetric):
         point, base_point : array-like, shape=[..., d]
         initial_tangent_vec : array-like, shape=[..., d], optional
             Warm start (e.g. the previous solution in an iterative algorithm).
+        method : {"auto", "shooting", "energy"}, optional
+            Default: the space's ``log_method``.
+        chunk_size : int, optional
+            Pairs solved at once; default: the space's ``chunk_size``.
+        progress : bool
+            Print progress on stderr after each chunk.
 
         Returns
         -------
         result : LogResult
             ``tangent_vec`` ``(..., d)``; ``converged``, ``residual``,
-            ``n_iterations`` ``(...)``.
+            ``n_iterations``, ``from_energy`` ``(...)``.
         """
+        method = self.log_method if method is None else method
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if initial_tangent_vec is None:
             (z1, z0), batch = self._prepare("base_point", True, point=point, base_point=base_point)
             init = None
@@ -557,15 +617,20 @@ class DecoderPullbackMetric(RiemannianMetric):
             (z1, z0, init), batch = self._prepare(
                 "base_point", True, point=point, base_point=base_point, initial_tangent_vec=initial_tangent_vec
             )
-        result = shooting_log(
+        result = log_map(
             self._embed,
             z1,
             z0,
             initial_tangent_vec=init,
+            method=method,
             options=self.ode_options,
             regularization=self.regularization,
             tol=self.log_tol,
             max_iter=self.max_iter,
+            energy_rtol=self.energy_rtol,
+            piecewise_linear=self._piecewise_linear.get((z0.dtype, z0.device), False),
+            chunk_size=self.chunk_size if chunk_size is None else chunk_size,
+            progress=progress,
         )
         return result.reshape(batch)
 
@@ -670,6 +735,22 @@ class ShootingLogSolver(LogSolver):
         return result.tangent_vec
 
     def geodesic_bvp(self, point, base_point):
-        """Geodesic from ``base_point`` to ``point``; ``path(t)`` is ``(n_t, d)`` or ``(n, n_t, d)``."""
-        tangent_vec = self.log(point, base_point)
-        return self.metric.exp_solver.geodesic_ivp(tangent_vec, base_point)
+        """Geodesic from ``base_point`` to ``point``; ``path(t)`` is ``(n_t, d)`` or ``(n, n_t, d)``.
+
+        The ODE geodesic of the ``log`` vector, or, with ``log_method="energy"``
+        or a piecewise-linear decoder (whose ODE geodesics are straight lines),
+        the refined discrete geodesic, defined for ``t`` in ``[0, 1]``.
+        """
+        m = self.metric
+        (z1, z0), batch = m._prepare("base_point", True, point=point, base_point=base_point)
+        if m.log_method != "energy" and not m._piecewise_linear.get((z0.dtype, z0.device), False):
+            tangent_vec = self.log(point, base_point)
+            return m.exp_solver.geodesic_ivp(tangent_vec, base_point)
+        result, curve, _ = energy_log(m._embed, z1, z0, rtol=m.energy_rtol)
+        m._report(result.n_failed, result.converged.numel(), "geodesic (energy method)")
+
+        def path(t):
+            times = torch.as_tensor(t, dtype=curve.dtype, device=curve.device).reshape(-1)
+            return interpolate_curve(curve, times).reshape(*batch, times.shape[0], m.dim)
+
+        return path

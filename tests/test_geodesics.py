@@ -103,7 +103,7 @@ def test_log_norm_equals_geodesic_length(sphere):
 
 
 def test_nonconvergence_is_flagged_and_warned():
-    space = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, max_iter=1)
+    space = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, max_iter=1, log_method="shooting")
     z0 = torch.zeros(3, 2, dtype=F64)
     z1 = torch.tensor([[2.0, -1.5], [-2.5, 2.0], [1e-3, 0.0]], dtype=F64)
     report = space.metric.solve_log(z1, z0)
@@ -115,13 +115,31 @@ def test_nonconvergence_is_flagged_and_warned():
         space.metric.log(z1, z0)
 
 
+def test_auto_answers_what_shooting_cannot_from_the_energy_method_and_says_so():
+    z0 = torch.zeros(3, 2, dtype=F64)
+    z1 = torch.tensor([[2.0, -1.5], [-2.5, 2.0], [1e-3, 0.0]], dtype=F64)
+    starved = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, max_iter=1)  # one Newton step: not enough
+    report = starved.metric.solve_log(z1, z0)
+    assert report.method == "auto" and report.all_converged
+    assert report.from_energy[:2].all() and not report.from_energy[2]
+    assert (report.residual[:2] <= report.energy_rtol).all()
+    reference = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, log_method="shooting").metric.solve_log(z1, z0)
+    assert reference.all_converged and not reference.from_energy.any()
+    lengths = starved.metric.norm(report.tangent_vec, z0)
+    truth = starved.metric.norm(reference.tangent_vec, z0)
+    # the energy answer's length is as accurate as its own error estimate claims
+    assert ((lengths - truth).abs() / truth <= report.residual.clamp_min(1e-12) + 1e-9).all()
+    # and its direction is a close (O(h^2)) approximation of the exact one
+    torch.testing.assert_close(report.tangent_vec, reference.tangent_vec, rtol=0, atol=1e-3 * truth.max())
+
+
 def test_on_failure_raise_and_ignore():
     z0 = torch.zeros(2, 2, dtype=F64)
     z1 = torch.tensor([[2.0, -1.5], [-2.5, 2.0]], dtype=F64)
-    raising = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, max_iter=1, on_failure="raise")
+    raising = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, max_iter=1, log_method="shooting", on_failure="raise")
     with pytest.raises(ConvergenceError):
         raising.metric.log(z1, z0)
-    silent = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, max_iter=1, on_failure="ignore")
+    silent = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, max_iter=1, log_method="shooting", on_failure="ignore")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         silent.metric.log(z1, z0)
