@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .errors import DecoderError
+
 __all__ = [
     "Decoder",
     "DeterministicDecoder",
@@ -156,11 +158,12 @@ def _flatten_output(out, z: Tensor, name: str) -> Tensor:
         )
     batch = z.shape[:-1]
     if out.shape[: len(batch)] != batch or out.dim() == len(batch):
-        raise ValueError(
+        raise DecoderError(
             f"{name} returned shape {tuple(out.shape)} for input {tuple(z.shape)}: expected "
             f"{tuple(batch)} + (D,) or {tuple(batch)} + (C, H, W), the input's batch shape first"
         )
-    return out.reshape(*batch, -1)
+    # explicit D, not -1: reshape cannot infer -1 for an empty batch
+    return out.reshape(*batch, math.prod(out.shape[len(batch) :]))
 
 
 class DeterministicDecoder(Decoder):

@@ -30,7 +30,7 @@ from torchdiffeq import odeint
 
 from .geometry import Embedding, geodesic_acceleration
 
-__all__ = ["ODEOptions", "LogResult", "exp", "geodesic_ivp", "shooting_log"]
+__all__ = ["ODEOptions", "LogResult", "exp", "geodesic_flow", "geodesic_ivp", "shooting_log"]
 
 _ADAPTIVE = {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"}
 
@@ -81,36 +81,69 @@ def _per_pair_norm(n_pairs: int, n_controlled: int | None) -> Callable[[Tensor],
     return norm
 
 
+class _DivergenceGuard:
+    """Freeze the pairs whose solution diverges, so the batch's other pairs are still solved.
+
+    A pair is given up (its derivative set to zero from then on, its result
+    flagged) when its derivative is not finite (singular metric, decoder
+    NaN) or its controlled state leaves a generous bound (a geodesic running
+    off to infinity in finite time, as on an incomplete chart). Without it a
+    single diverging pair drives the shared step size to underflow or the step
+    cap, and the whole batch has to be re-solved by bisection.
+    """
+
+    def __init__(self, rhs, y0: Tensor, n_controlled: int):
+        self.rhs = rhs
+        self.n_controlled = n_controlled
+        self.bound = _DIVERGENCE_FACTOR * (1 + y0[:, :n_controlled].abs().amax(-1))
+        self.dead = torch.zeros(y0.shape[0], dtype=torch.bool, device=y0.device)
+
+    def __call__(self, t: Tensor, y: Tensor) -> Tensor:
+        dy = self.rhs(t, y)
+        bad = ~torch.isfinite(dy).all(-1) | (y[:, : self.n_controlled].abs().amax(-1) > self.bound)
+        self.dead |= bad
+        return torch.where(self.dead[:, None], torch.zeros_like(dy), dy)
+
+
+# A latent state 10^4 times larger than where it started: the geodesic leaves every
+# region a decoder is trained on (its metric degenerates there).
+_DIVERGENCE_FACTOR = 1e4
+
+
 def _odeint_flagged(
     rhs, y0: Tensor, t: Tensor, options: ODEOptions, n_controlled: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Integrate ``(n, k)`` states; return ``(ys (n_t, n, k), ok (n,))``.
 
     Only the first ``n_controlled`` state columns enter the error control
-    (all if None).
-
-    A failed solve is retried on each half of the batch, so failing pairs
-    end as NaN with ``ok = False`` and the others are still solved.
+    (all if None). Pairs whose solution diverges are frozen and flagged
+    (:class:`_DivergenceGuard`); if the solve still fails (step cap, step-size
+    underflow), it is retried on each half of the batch, so failing pairs end
+    as NaN with ``ok = False`` and the others are still solved.
     """
-    n = y0.shape[0]
+    n, k = y0.shape
+    if n == 0:
+        return y0.new_empty(len(t), 0, k), torch.zeros(0, dtype=torch.bool, device=y0.device)
     rtol, atol = options.tolerances(y0.dtype)
     if options.method in _ADAPTIVE:
         solver_options = {"norm": _per_pair_norm(n, n_controlled), "max_num_steps": options.max_num_steps}
     else:
         solver_options = {} if options.step_size is None else {"step_size": options.step_size}
+    guard = _DivergenceGuard(rhs, y0, k if n_controlled is None else n_controlled)
     try:
-        ys = odeint(rhs, y0, t, rtol=rtol, atol=atol, method=options.method, options=solver_options)
-        ok = torch.isfinite(ys).all(dim=0).all(dim=-1)
-        return ys, ok
+        ys = odeint(guard, y0, t, rtol=rtol, atol=atol, method=options.method, options=solver_options)
     except AssertionError:  # torchdiffeq: dt underflow, max_num_steps, non-finite state
         if n == 1:
-            return torch.full((len(t), 1, y0.shape[1]), float("nan"), dtype=y0.dtype, device=y0.device), torch.zeros(
+            return torch.full((len(t), 1, k), float("nan"), dtype=y0.dtype, device=y0.device), torch.zeros(
                 1, dtype=torch.bool, device=y0.device
             )
         half = n // 2
         ys_a, ok_a = _odeint_flagged(rhs, y0[:half], t, options, n_controlled)
         ys_b, ok_b = _odeint_flagged(rhs, y0[half:], t, options, n_controlled)
         return torch.cat([ys_a, ys_b], dim=1), torch.cat([ok_a, ok_b])
+    ok = torch.isfinite(ys).all(dim=0).all(dim=-1) & ~guard.dead
+    ys = torch.where(ok[None, :, None], ys, torch.full_like(ys, float("nan")))
+    return ys, ok
 
 
 def _geodesic_rhs(embed: Embedding, d: int, regularization: float):
@@ -148,10 +181,37 @@ def exp(
         NaN where the solve failed.
     ok : Tensor, shape=[n], bool
     """
+    end_point, _, ok = geodesic_flow(embed, tangent_vec, base_point, options, regularization)
+    return end_point, ok
+
+
+@torch.no_grad()
+def geodesic_flow(
+    embed: Embedding,
+    tangent_vec: Tensor,
+    base_point: Tensor,
+    options: ODEOptions = ODEOptions(),
+    regularization: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Position and velocity at ``t = 1`` of the geodesic with initial velocity ``tangent_vec``.
+
+    Parameters
+    ----------
+    embed : callable ``(n, d) -> (n, D)``, or a MetricDecoder
+    tangent_vec, base_point : Tensor, shape=[n, d]
+    options : ODEOptions
+    regularization : float
+
+    Returns
+    -------
+    end_point, end_velocity : Tensor, shape=[n, d]
+        NaN where the solve failed.
+    ok : Tensor, shape=[n], bool
+    """
     d = base_point.shape[-1]
     y0 = torch.cat([base_point, tangent_vec], dim=-1)
     ys, ok = _odeint_flagged(_geodesic_rhs(embed, d, regularization), y0, _times(0.0, 1.0, y0), options)
-    return ys[-1, :, :d], ok
+    return ys[-1, :, :d], ys[-1, :, d:], ok
 
 
 @torch.no_grad()
@@ -266,6 +326,11 @@ class LogResult:
         judged against ``energy_rtol``, not an end-point error.
     energy_rtol : float, optional
         Threshold on the energy method's relative length error.
+    piecewise_linear : Tensor, shape=[...], bool
+        Pairs along which the decoder is piecewise linear (ReLU-like). Their
+        geodesic ODE is degenerate, so they are answered by the energy method,
+        whose nonsmooth problem can stop in a local minimum: they are never
+        marked converged (the answer is a good approximation, not certified).
     """
 
     tangent_vec: Tensor
@@ -276,10 +341,13 @@ class LogResult:
     method: str = "shooting"
     from_energy: Tensor | None = None
     energy_rtol: float | None = None
+    piecewise_linear: Tensor | None = None
 
     def __post_init__(self):
         if self.from_energy is None:
             self.from_energy = torch.zeros_like(self.converged)
+        if self.piecewise_linear is None:
+            self.piecewise_linear = torch.zeros_like(self.converged)
 
     @property
     def all_converged(self) -> bool:
@@ -298,6 +366,9 @@ class LogResult:
         worst = float(finite.max()) if finite.numel() else float("nan")
         n_energy = int(self.from_energy.sum())
         energy = f", {n_energy} answered by the energy method" if n_energy else ""
+        n_kinked = int(self.piecewise_linear.sum())
+        if n_kinked:
+            energy += f" ({n_kinked} along a piecewise-linear decoder: approximate)"
         return (
             f"{self.method}: {n - self.n_failed}/{n} pairs converged (tol {self.tol:.1e}){energy}, "
             f"max residual {worst:.2e}, max iterations {int(self.n_iterations.max()) if n else 0}"
@@ -312,6 +383,7 @@ class LogResult:
             residual=self.residual.reshape(batch_shape),
             n_iterations=self.n_iterations.reshape(batch_shape),
             from_energy=self.from_energy.reshape(batch_shape),
+            piecewise_linear=self.piecewise_linear.reshape(batch_shape),
         )
 
 

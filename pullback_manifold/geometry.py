@@ -35,6 +35,7 @@ __all__ = [
     "christoffels",
     "second_derivative",
     "geodesic_acceleration",
+    "connection",
     "curve_length",
     "curve_energy",
 ]
@@ -196,6 +197,39 @@ def geodesic_acceleration(embed: Embedding, z: Tensor, v: Tensor, regularization
     h = second[d]
     G = _regularize(J.transpose(-1, -2) @ J, regularization)
     return -_solve_spd(G, (J.transpose(-1, -2) @ h.unsqueeze(-1)).squeeze(-1))
+
+
+def connection(embed: Embedding, z: Tensor, v: Tensor, w: Tensor, regularization: float = 0.0) -> Tensor:
+    r"""The Christoffel contraction :math:`\Gamma(v, w)^k = \Gamma^k_{ij} v^i w^j`, without Christoffel symbols.
+
+    For a pull-back, :math:`\Gamma(v, w) = G^{-1} J^T d^2 f[v, w]` (one nested JVP
+    and ``d`` JVPs); for a metric given directly, the Koszul formula
+    :math:`\Gamma(v, w) = \tfrac12 G^{-1}(dG[v] w + dG[w] v - \nabla_z (v^T G w))`.
+    A parallel field along a curve with velocity ``v`` obeys :math:`\dot w = -\Gamma(v, w)`.
+
+    Parameters
+    ----------
+    embed : callable ``(n, d) -> (n, D)``, or a MetricDecoder
+    z, v, w : Tensor, shape=[n, d]
+    regularization : float
+
+    Returns
+    -------
+    gamma_vw : Tensor, shape=[n, d]
+        NaN in rows where ``G`` is not positive definite.
+    """
+    n, d = z.shape
+    if isinstance(embed, MetricDecoder):
+        tangents = torch.cat([_basis(z), v[None], w[None]], dim=0)
+        G, dGs = vmap(lambda t: jvp(embed.metric, (z,), (t,)), out_dims=(None, 0))(tangents)
+        gradient = torch.einsum("ni,knij,nj->nk", v, dGs[:d], w)  # d_k (v^T G w)
+        koszul = (dGs[d] @ w.unsqueeze(-1) + dGs[d + 1] @ v.unsqueeze(-1)).squeeze(-1) - gradient
+        return _solve_spd(_regularize(G, regularization), 0.5 * koszul)
+    tangents = torch.cat([_basis(z), v[None]], dim=0)
+    _, (columns, second) = vmap(lambda t: jvp(lambda x: jvp(embed, (x,), (w,)), (z,), (t,)))(tangents)
+    J = columns[:d].permute(1, 2, 0)
+    G = _regularize(J.transpose(-1, -2) @ J, regularization)
+    return _solve_spd(G, (J.transpose(-1, -2) @ second[d].unsqueeze(-1)).squeeze(-1))
 
 
 def _metric_field_acceleration(field: MetricDecoder, z: Tensor, v: Tensor, regularization: float) -> Tensor:

@@ -15,8 +15,9 @@ r"""The logarithm map: one entry point, three methods, a report for every pair.
     it to the end-point tolerance in a few iterations, and a pair shooting
     cannot finish is answered by the refined energy method, marked
     ``from_energy``, converged only if its own error estimate says so. With a
-    warm start, shooting goes first from it. For a piecewise-linear decoder
-    ``auto`` is the energy method.
+    warm start, shooting goes first from it. Pairs along which the decoder is
+    piecewise linear (ReLU networks: :func:`piecewise_linear_pairs`) go to the
+    energy method directly.
 
 Large batches are split in chunks (bounded memory), with an optional progress
 line on stderr.
@@ -30,52 +31,49 @@ import time
 import torch
 from torch import Tensor
 
+from torch.func import jvp
+
+from .decoders import MetricDecoder
 from .discrete import energy_log
 from .geodesics import LogResult, ODEOptions, shooting_log
-from .geometry import Embedding
+from .geometry import Embedding, jacobian
 
-__all__ = ["METHODS", "log_map", "is_piecewise_linear"]
+__all__ = ["METHODS", "log_map", "piecewise_linear_pairs"]
 
 METHODS = ("auto", "shooting", "energy")
 
 
 @torch.no_grad()
-def is_piecewise_linear(embed: Embedding, z: Tensor, n_directions: int = 3) -> bool:
-    """Whether the decoder looks piecewise linear (ReLU-like) around ``z``.
+def piecewise_linear_pairs(embed: Embedding, point: Tensor, base_point: Tensor) -> Tensor:
+    """Pairs whose geodesic ODE is degenerate: a ReLU-like decoder along their chord.
 
-    True when its second derivative vanishes along random directions at
-    ``z`` while its Jacobian differs between the points of ``z`` (or points
-    near them): the geodesic ODE is then degenerate (its solutions are straight
-    lines), although the metric is not constant. A linear decoder is not
-    piecewise linear in this sense (its straight lines are the geodesics).
+    A pair is flagged when the decoder's second derivative along the chord
+    ``u = point - base_point`` is exactly zero at both ends and the midpoint,
+    while its Jacobian differs between them: the decoder is piecewise linear
+    there, so the ODE's geodesics are straight lines although the metric
+    changes (they are not the shortest curves). A linear decoder (same Jacobian
+    everywhere) is not flagged: its straight lines are the geodesics.
 
     Parameters
     ----------
-    embed : callable ``(n, d) -> (n, D)``
-    z : Tensor, shape=[n, d]
-    n_directions : int
+    embed : callable ``(n, d) -> (n, D)``, or a MetricDecoder
+    point, base_point : Tensor, shape=[n, d]
 
     Returns
     -------
-    piecewise_linear : bool
+    flags : Tensor, shape=[n], bool
     """
-    from torch.func import jvp
-
-    from .decoders import MetricDecoder
-    from .geometry import jacobian
-
-    if isinstance(embed, MetricDecoder):
-        return False
-    g = torch.Generator(device="cpu").manual_seed(0)
-    for _ in range(n_directions):
-        v = torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device)
-        second = jvp(lambda x: jvp(embed, (x,), (v,))[1], (z,), (v,))[1]
-        if torch.any(second != 0):
-            return False
-    spread = 0.5 * (1 + z.abs().amax())
-    probes = torch.cat([z, z + spread * torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device)])
-    J = jacobian(embed, probes)
-    return bool(torch.any((J - J[:1]).abs() > 1e-6 * J.abs().amax().clamp_min(1e-300)))
+    n = len(point)
+    if isinstance(embed, MetricDecoder) or n == 0:
+        return torch.zeros(n, dtype=torch.bool, device=point.device)
+    u = point - base_point
+    z = torch.cat([base_point, 0.5 * (base_point + point), point])
+    uu = u.repeat(3, 1)
+    second = jvp(lambda x: jvp(embed, (x,), (uu,))[1], (z,), (uu,))[1].reshape(3, n, -1)
+    flat = (second == 0).all(-1).all(0)
+    J = jacobian(embed, z).reshape(3, n, -1)
+    varies = ((J - J[:1]).abs() > 1e-6 * J.abs().amax(-1, keepdim=True).clamp_min(1e-300)).any(-1).any(0)
+    return flat & varies
 
 
 def _merge(result: LogResult, rows: Tensor, other: LogResult, take: Tensor) -> None:
@@ -85,7 +83,29 @@ def _merge(result: LogResult, rows: Tensor, other: LogResult, take: Tensor) -> N
     result.converged[target] = other.converged[take]
     result.residual[target] = other.residual[take]
     result.from_energy[target] = other.from_energy[take]
+    result.piecewise_linear[target] = other.piecewise_linear[take]
     result.n_iterations[rows] += other.n_iterations
+
+
+def _energy_by_smoothness(embed, point, base_point, kinked: Tensor, energy_rtol) -> LogResult:
+    """The energy method, with the piecewise-linear pairs solved as such."""
+    if not kinked.any() or kinked.all():
+        return energy_log(embed, point, base_point, rtol=energy_rtol, smooth=not kinked.any())[0]
+    result = None
+    for rows in ((~kinked).nonzero().squeeze(-1), kinked.nonzero().squeeze(-1)):
+        part = energy_log(embed, point[rows], base_point[rows], rtol=energy_rtol, smooth=not bool(kinked[rows[0]]))[0]
+        if result is None:
+            result = LogResult(
+                torch.empty_like(point),
+                torch.zeros_like(kinked),
+                point.new_empty(len(point)),
+                torch.zeros(len(point), dtype=torch.long, device=point.device),
+                part.tol,
+                "energy",
+                energy_rtol=part.energy_rtol,
+            )
+        _merge(result, rows, part, torch.ones_like(part.converged))
+    return result
 
 
 def _log_chunk(
@@ -94,21 +114,35 @@ def _log_chunk(
     base_point: Tensor,
     initial_tangent_vec: Tensor | None,
     method: str,
-    piecewise_linear: bool,
     shooting: dict,
     energy_rtol: float | None,
 ) -> LogResult:
-    if method == "energy" or (method == "auto" and piecewise_linear):
-        result, _, _ = energy_log(embed, point, base_point, rtol=energy_rtol)
+    kinked = piecewise_linear_pairs(embed, point, base_point)
+    if method == "energy":
+        result = _energy_by_smoothness(embed, point, base_point, kinked, energy_rtol)
+        result.method = method
+        return result
+    if method == "auto" and kinked.any():
+        result = _energy_by_smoothness(embed, point, base_point, kinked, energy_rtol)
+        smooth = (~kinked).nonzero().squeeze(-1)
+        if len(smooth):
+            init = None if initial_tangent_vec is None else initial_tangent_vec[smooth]
+            rest = _log_chunk(embed, point[smooth], base_point[smooth], init, "auto", shooting, energy_rtol)
+            result.n_iterations[smooth] = 0
+            _merge(result, smooth, rest, torch.ones_like(rest.converged))
         result.method = method
         return result
 
     if method == "shooting" or initial_tangent_vec is not None:
         result = shooting_log(embed, point, base_point, initial_tangent_vec, **shooting)
         result.method = method
-        if result.all_converged:
+        # A degenerate ODE "converges" to the straight line, which is not the geodesic:
+        # never claimed, and not retried (only method="energy" or "auto" solve those).
+        result.converged &= ~kinked
+        result.piecewise_linear |= kinked
+        todo = (~result.converged & ~kinked).nonzero().squeeze(-1)
+        if len(todo) == 0:
             return result
-        todo = (~result.converged).nonzero().squeeze(-1)
     else:
         result = None
         todo = torch.arange(len(point), device=point.device)
@@ -143,7 +177,6 @@ def log_map(
     tol: float | None = None,
     max_iter: int = 50,
     energy_rtol: float | None = None,
-    piecewise_linear: bool = False,
     chunk_size: int | None = None,
     progress: bool = False,
 ) -> LogResult:
@@ -165,9 +198,6 @@ def log_map(
     energy_rtol : float, optional
         Relative length-error tolerance of the energy method (see
         :func:`~pullback_manifold.discrete.energy_log`).
-    piecewise_linear : bool
-        The decoder is ReLU-like (:func:`is_piecewise_linear`): ``auto`` uses
-        the energy method.
     chunk_size : int, optional
         Pairs per chunk; all at once if None.
     progress : bool
@@ -193,7 +223,7 @@ def log_map(
         hi = min(lo + size, n)
         init = None if initial_tangent_vec is None else initial_tangent_vec[lo:hi]
         parts.append(
-            _log_chunk(embed, point[lo:hi], base_point[lo:hi], init, method, piecewise_linear, shooting, energy_rtol)
+            _log_chunk(embed, point[lo:hi], base_point[lo:hi], init, method, shooting, energy_rtol)
         )
         if progress:
             done = sum(int(p.converged.numel()) for p in parts)
@@ -214,5 +244,6 @@ def log_map(
         tol=parts[0].tol,
         method=method,
         from_energy=torch.cat([p.from_energy for p in parts]),
+        piecewise_linear=torch.cat([p.piecewise_linear for p in parts]),
         energy_rtol=next((p.energy_rtol for p in parts if p.energy_rtol is not None), None),
     )

@@ -15,6 +15,7 @@ dtype and device of the inputs.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable
 
@@ -33,9 +34,10 @@ from geomstats.numerics.geodesic import ExpSolver, LogSolver  # noqa: E402
 from . import geometry  # noqa: E402
 from .decoders import Decoder, MetricDecoder, as_decoder  # noqa: E402
 from .errors import ConvergenceError, ConvergenceWarning, DecoderError  # noqa: E402
-from .discrete import energy_log, interpolate_curve  # noqa: E402
-from .geodesics import LogResult, ODEOptions, exp, geodesic_ivp  # noqa: E402
-from .logarithm import METHODS, is_piecewise_linear, log_map  # noqa: E402
+from .discrete import arc_length_times, energy_log, interpolate_curve  # noqa: E402
+from .geodesics import LogResult, ODEOptions, exp, geodesic_flow, geodesic_ivp  # noqa: E402
+from .logarithm import METHODS, log_map, piecewise_linear_pairs  # noqa: E402
+from .transport import parallel_transport  # noqa: E402
 
 __all__ = ["PullbackManifold", "DecoderPullbackMetric", "ODEExpSolver", "ShootingLogSolver"]
 
@@ -113,8 +115,28 @@ class PullbackManifold(VectorSpaceOpenSet):
     ):
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive int (the latent dimension), got {dim!r}")
-        if regularization < 0:
-            raise ValueError(f"regularization must be >= 0, got {regularization}")
+        # Checked here, so that a wrong setting fails at construction, before any decoder call.
+        if isinstance(regularization, bool) or not isinstance(regularization, numbers.Real):
+            raise TypeError(
+                f"regularization must be a float eps >= 0 (the metric becomes J^T J + eps I), "
+                f"got {type(regularization).__name__}"
+            )
+        if not 0 <= regularization < float("inf"):  # also rejects NaN
+            raise ValueError(
+                f"regularization must be a finite float >= 0 (the metric becomes J^T J + eps I), got {regularization}"
+            )
+        if ode_options is not None and not isinstance(ode_options, ODEOptions):
+            raise TypeError(
+                f"ode_options must be an ODEOptions, e.g. ODEOptions(max_num_steps=2000), got {type(ode_options).__name__}"
+            )
+        if ode_options is not None and (
+            not isinstance(ode_options.max_num_steps, int) or ode_options.max_num_steps < 1
+        ):
+            raise ValueError(f"ode_options.max_num_steps must be a positive int, got {ode_options.max_num_steps!r}")
+        if log_tol is not None and not (isinstance(log_tol, numbers.Real) and 0 < log_tol < float("inf")):
+            raise ValueError(f"log_tol must be a positive float or None (dtype default), got {log_tol!r}")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"max_iter must be a positive int (Newton iterations of log per pair), got {max_iter!r}")
         if on_failure not in _ON_FAILURE:
             raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
         if log_method not in METHODS:
@@ -203,7 +225,6 @@ class DecoderPullbackMetric(RiemannianMetric):
         self.energy_rtol = energy_rtol
         self.chunk_size = chunk_size
         self.on_failure = on_failure
-        self._piecewise_linear: dict = {}
         self.exp_solver = ODEExpSolver(self)
         self.log_solver = ShootingLogSolver(self)
         self._validated: set = set()
@@ -249,14 +270,21 @@ class DecoderPullbackMetric(RiemannianMetric):
                     f"{name} has shape {tuple(value.shape)}: expected (..., {self.dim}), "
                     f"the latent dimension of this space being {self.dim}"
                 )
-            if not torch.isfinite(value).all():
-                bad = (~torch.isfinite(value)).reshape(-1, self.dim).any(-1).nonzero()[0, 0].item()
-                raise ValueError(f"{name} contains NaN or Inf (first at flat index {bad}): pass finite latent points")
             tensors[name] = value
         devices = {t.device for t in tensors.values()}
         if len(devices) > 1:
             listing = ", ".join(f"{k} on {t.device}" for k, t in tensors.items())
             raise ValueError(f"inputs are on different devices ({listing}): move them to one device")
+        # After the device check: finiteness reads the data, which a meta tensor does not have.
+        for name, value in tensors.items():
+            if value.device.type == "meta":
+                raise ValueError(f"{name} is on the meta device, which holds no data: pass tensors on cpu or cuda")
+            if not torch.isfinite(value).all():
+                bad = (~torch.isfinite(value)).reshape(-1, self.dim).any(-1).nonzero()[0, 0].item()
+                raise ValueError(
+                    f"{name} contains NaN or Inf (first at flat index {bad} of its {tuple(value.shape[:-1])} "
+                    "batch): pass finite latent points"
+                )
         dtype = tensors[next(iter(tensors))].dtype
         for t in tensors.values():
             dtype = torch.promote_types(dtype, t.dtype)
@@ -307,30 +335,55 @@ class DecoderPullbackMetric(RiemannianMetric):
                 )
             self._validated.add(key)
             return
-        J = geometry.jacobian(self._embed, probe)
-        if not torch.any(J != 0):
+        try:
+            J = geometry.jacobian(self._embed, probe)
+        except RuntimeError as err:  # e.g. .numpy() on a dual tensor, data-dependent Python control flow
+            raise DecoderError(
+                f"the decoder cannot be differentiated by torch.func forward-mode autodiff ({err}). "
+                "Keep it in torch operations end to end (no .numpy(), .item() or .tolist() on its input)."
+            ) from err
+        if not torch.any(J != 0) and not self._differentiable_elsewhere(z):
             raise DecoderError(
                 "the decoder's Jacobian is exactly zero at the probe points: its output does not depend "
                 "differentiably on z. Remove .detach(), .item(), rounding or integer casts from the decoder."
             )
-        self._piecewise_linear[key] = is_piecewise_linear(self._embed, probe)
         self._validated.add(key)
+
+    def _differentiable_elsewhere(self, z: Tensor) -> bool:
+        """Whether the Jacobian is nonzero at a few points around the origin.
+
+        A differentiable decoder is flat where its units saturate (points far
+        from the data): a zero Jacobian at the given points alone is not proof
+        that the decoder cut the autodiff graph.
+        """
+        g = torch.Generator(device="cpu").manual_seed(0)
+        elsewhere = torch.randn(4, self.dim, generator=g, dtype=z.dtype).to(z.device)
+        try:
+            J = geometry.jacobian(self._embed, elsewhere)
+        except RuntimeError:
+            return False
+        return bool(torch.any((J != 0) & torch.isfinite(J)))
 
     def _check_finite(self, value: Tensor, what: str, points: Tensor) -> Tensor:
         if not torch.isfinite(value).all():
             rows = (~torch.isfinite(value.reshape(points.shape[0], -1))).any(-1).nonzero().squeeze(-1)
+            decoder_nan = what == "decoder output"
+            if not decoder_nan and not isinstance(self.decoder, MetricDecoder):
+                # Tell a decoder returning NaN/Inf apart from a singular metric: the fixes differ.
+                with torch.no_grad():
+                    decoder_nan = not bool(torch.isfinite(self._embed(points[rows[:1]])).all())
             hint = (
-                "the metric is singular there (rank-deficient Jacobian): pass regularization=eps "
+                "the decoder returns NaN/Inf there: keep the points inside the decoder's domain"
+                if decoder_nan
+                else "the metric is singular there (rank-deficient Jacobian): pass regularization=eps "
                 "to PullbackManifold"
-                if what != "decoder output"
-                else "the decoder returns NaN/Inf there"
             )
             raise DecoderError(
                 f"{what} is not finite at {len(rows)} point(s), first {points[rows[0]].tolist()}: {hint}"
             )
         return value
 
-    def _report(self, n_failed: int, n_total: int, what: str) -> None:
+    def _report(self, n_failed: int, n_total: int, what: str, n_piecewise_linear: int = 0) -> None:
         if n_failed == 0 or self.on_failure == "ignore":
             return
         msg = (
@@ -338,6 +391,12 @@ class DecoderPullbackMetric(RiemannianMetric):
             "unconverged (log). Call metric.solve_log(...) for the per-pair report, or loosen/raise "
             "max_iter, ode_options.max_num_steps, or pass regularization."
         )
+        if n_piecewise_linear:
+            msg += (
+                f" {n_piecewise_linear} of them lie where the decoder is piecewise linear (ReLU-like): "
+                "their geodesics come from the energy method and are approximate (typically within ~1%), "
+                "never certified. Use smooth activations (softplus, ELU, SiLU, tanh) for exact geodesics."
+            )
         if self.on_failure == "raise":
             raise ConvergenceError(msg)
         warnings.warn(msg, ConvergenceWarning, stacklevel=4)
@@ -567,17 +626,6 @@ class DecoderPullbackMetric(RiemannianMetric):
         return flat.reshape(curve.shape).to(flat.dtype)
 
     # ------------------------------------------------------------ geodesics
-    def is_piecewise_linear(self, dtype: torch.dtype = None, device=None) -> bool:
-        """Whether the decoder was found ReLU-like (zero second derivative, varying metric).
-
-        Decided on the first points the metric is used with, per dtype and
-        device; ``log_method="auto"`` then uses the energy method, and
-        geodesics are discrete geodesics.
-        """
-        if dtype is None:
-            return any(self._piecewise_linear.values())
-        return self._piecewise_linear.get((dtype, torch.device(device) if device else torch.device("cpu")), False)
-
     def solve_log(
         self,
         point,
@@ -628,14 +676,18 @@ class DecoderPullbackMetric(RiemannianMetric):
             tol=self.log_tol,
             max_iter=self.max_iter,
             energy_rtol=self.energy_rtol,
-            piecewise_linear=self._piecewise_linear.get((z0.dtype, z0.device), False),
             chunk_size=self.chunk_size if chunk_size is None else chunk_size,
             progress=progress,
         )
         return result.reshape(batch)
 
     def squared_dist(self, point_a, point_b):
-        """Squared geodesic distance, ``||log_a(b)||^2_G``.
+        """Squared geodesic distance, ``||log_a(b)||^2_G``, differentiable in both points.
+
+        Gradients (when an input requires them) come from the first variation
+        of the energy, not from differentiating the solver: with ``v = log_a(b)``
+        and ``u`` the geodesic's velocity on arrival at ``b``,
+        ``d/da = -2 G(a) v`` and ``d/db = 2 G(b) u``.
 
         Parameters
         ----------
@@ -645,8 +697,11 @@ class DecoderPullbackMetric(RiemannianMetric):
         -------
         sq_dist : Tensor, shape=[...]
         """
-        log = self.log(point_b, point_a)
-        return self.squared_norm(log, point_a)
+        a, b = torch.as_tensor(point_a), torch.as_tensor(point_b)
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            return _SquaredDistance.apply(a, b, self)
+        log = self.log(b, a)
+        return self.squared_norm(log, a)
 
     def dist(self, point_a, point_b):
         """Geodesic distance.
@@ -660,6 +715,66 @@ class DecoderPullbackMetric(RiemannianMetric):
         dist : Tensor, shape=[...]
         """
         return self.squared_dist(point_a, point_b).clamp_min(0).sqrt()
+
+    def parallel_transport(self, tangent_vec, base_point, direction=None, end_point=None):
+        """Parallel transport of ``tangent_vec`` along the geodesic from ``base_point``.
+
+        The geodesic is ``t -> exp(t direction)``, or the one reaching
+        ``end_point`` (through ``log``), for ``t`` in ``[0, 1]``. The transport
+        preserves ``G``-inner products.
+
+        Parameters
+        ----------
+        tangent_vec : array-like, shape=[..., d]
+        base_point : array-like, shape=[..., d]
+        direction : array-like, shape=[..., d], optional
+        end_point : array-like, shape=[..., d], optional
+            Exactly one of ``direction`` and ``end_point``.
+
+        Returns
+        -------
+        transported : Tensor, shape=[..., d]
+            At the end of the geodesic; NaN where the ODE solve failed.
+        """
+        if (direction is None) == (end_point is None):
+            raise ValueError("pass exactly one of direction= and end_point= to parallel_transport")
+        if direction is None:
+            direction = self.log(end_point, base_point)
+        (w, z, v), batch = self._prepare(
+            "base_point", True, tangent_vec=tangent_vec, base_point=base_point, direction=direction
+        )
+        transported, _, ok = parallel_transport(self._embed, w, z, v, self.ode_options, self.regularization)
+        self._report(int((~ok).sum()), len(ok), "parallel_transport")
+        return _nan_rows(transported, ok).reshape(*batch, self.dim)
+
+
+class _SquaredDistance(torch.autograd.Function):
+    """``d(a, b)^2`` with the first-variation gradients (see ``DecoderPullbackMetric.squared_dist``)."""
+
+    @staticmethod
+    def forward(ctx, point_a, point_b, metric):
+        (b, a), batch = metric._prepare("point_a", True, point_b=point_b, point_a=point_a)
+        v = metric.log_solver.log(b, a)  # warns/raises per on_failure
+        G_a = geometry.metric_matrix(metric._embed, a, metric.regularization)
+        _, arrival, ok = geodesic_flow(metric._embed, v, a, metric.ode_options, metric.regularization)
+        G_b = geometry.metric_matrix(metric._embed, b, metric.regularization)
+        grad_a = -2 * (G_a @ v.unsqueeze(-1)).squeeze(-1)
+        grad_b = _nan_rows(2 * (G_b @ arrival.unsqueeze(-1)).squeeze(-1), ok)
+        ctx.save_for_backward(grad_a, grad_b)
+        ctx.shapes = (point_a.shape, point_b.shape, batch)
+        return torch.einsum("ni,nij,nj->n", v, G_a, v).reshape(batch)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_a, grad_b = ctx.saved_tensors
+        shape_a, shape_b, batch = ctx.shapes
+        g = grad_output.reshape(-1, 1)
+
+        def reduce(grad, shape):
+            grad = (g * grad).reshape(*batch, grad.shape[-1])
+            return grad.sum_to_size(shape) if grad.shape != shape else grad
+
+        return reduce(grad_a, shape_a), reduce(grad_b, shape_b), None
 
 
 class ODEExpSolver(ExpSolver):
@@ -727,7 +842,9 @@ class ShootingLogSolver(LogSolver):
         """Initial velocity of the geodesic from ``base_point`` to ``point``, shape ``(..., d)``."""
         guess = self._initial_guess(point, base_point)
         result = self.metric.solve_log(point, base_point, initial_tangent_vec=guess)
-        self.metric._report(result.n_failed, result.converged.numel(), "log")
+        self.metric._report(
+            result.n_failed, result.converged.numel(), "log", int((result.piecewise_linear & ~result.converged).sum())
+        )
         if self.warm_start and isinstance(point, Tensor) and isinstance(base_point, Tensor):
             ok = result.converged.unsqueeze(-1)
             vec = torch.where(ok, result.tangent_vec, point - base_point)
@@ -738,19 +855,27 @@ class ShootingLogSolver(LogSolver):
         """Geodesic from ``base_point`` to ``point``; ``path(t)`` is ``(n_t, d)`` or ``(n, n_t, d)``.
 
         The ODE geodesic of the ``log`` vector, or, with ``log_method="energy"``
-        or a piecewise-linear decoder (whose ODE geodesics are straight lines),
-        the refined discrete geodesic, defined for ``t`` in ``[0, 1]``.
+        or where the decoder is piecewise linear (ReLU: its ODE geodesics are
+        straight lines), the refined discrete geodesic, for ``t`` in ``[0, 1]``.
         """
         m = self.metric
         (z1, z0), batch = m._prepare("base_point", True, point=point, base_point=base_point)
-        if m.log_method != "energy" and not m._piecewise_linear.get((z0.dtype, z0.device), False):
+        kinked = piecewise_linear_pairs(m._embed, z1, z0)
+        if m.log_method != "energy" and not kinked.any():
             tangent_vec = self.log(point, base_point)
             return m.exp_solver.geodesic_ivp(tangent_vec, base_point)
-        result, curve, _ = energy_log(m._embed, z1, z0, rtol=m.energy_rtol)
-        m._report(result.n_failed, result.converged.numel(), "geodesic (energy method)")
+        groups = [(rows, bool(flag)) for flag in (False, True) if len(rows := (kinked == flag).nonzero().squeeze(-1))]
+        curves = []
+        for rows, is_kinked in groups:
+            result, curve, _ = energy_log(m._embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_kinked)
+            m._report(result.n_failed, result.converged.numel(), "geodesic (energy method)", int(is_kinked) * result.n_failed)
+            curves.append((rows, curve, arc_length_times(m._embed, curve)))
 
         def path(t):
-            times = torch.as_tensor(t, dtype=curve.dtype, device=curve.device).reshape(-1)
-            return interpolate_curve(curve, times).reshape(*batch, times.shape[0], m.dim)
+            times = torch.as_tensor(t, dtype=z0.dtype, device=z0.device).reshape(-1)
+            out = torch.empty(z0.shape[0], times.shape[0], m.dim, dtype=z0.dtype, device=z0.device)
+            for rows, curve, node_times in curves:
+                out[rows] = interpolate_curve(curve, times, node_times)
+            return out.reshape(*batch, times.shape[0], m.dim)
 
         return path

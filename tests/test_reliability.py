@@ -1,0 +1,493 @@
+"""Reliability: every bad input gets a clear error, every failure is reported, nothing hangs.
+
+Complements ``test_contract.py`` (bad points for ``metric_matrix``/``log``, a decoder
+with the wrong batch shape, NaN at the probe, ``.detach()``, integer outputs): here
+every public entry point and argument name, decoders that fail only away from the
+probe points, the constructor's settings, degenerate metrics, and solves that cannot
+succeed (geodesics leaving the chart in finite time, boundary-value problems without
+a solution), with the work they are allowed to do.
+
+Decoders with known answers used below:
+
+* ``rank_one``: ``f(z) = (s, s^2)``, ``s = z0 + z1``. ``J`` has rank 1 everywhere;
+  ``G = (1 + 4 s^2) u u^T``, ``u = (1, 1)``. With ``G + eps I`` the coordinates
+  ``(sigma(s), sqrt(eps/2) (z0 - z1))`` are flat, ``sigma' = sqrt(1 + eps/2 + 4 s^2)``,
+  so distances have a closed form.
+* ``polar``: ``f(z) = e^{z0} (cos z1, sin z1)``, a flat chart of the universal cover of
+  the punctured plane. Radially inward geodesics reach ``r = 0`` (``z0 = -inf``) in
+  finite time: ``exp`` must fail there. Two points whose angles differ by more than
+  ``pi`` are joined by no geodesic at all (the infimum runs through the origin): ``log``
+  must fail there. Otherwise ``dist`` is the chord ``|f(z1) - f(z0)|``.
+"""
+
+import math
+import time
+import warnings
+
+import pytest
+import torch
+
+from decoders_zoo import tanh_mlp
+from pullback_manifold import (
+    ConvergenceError,
+    ConvergenceWarning,
+    DecoderError,
+    GaussianDecoder,
+    ODEOptions,
+    PullbackManifold,
+)
+
+F64 = torch.float64
+NAN = float("nan")
+INF = float("inf")
+
+
+class OverBudget(Exception):
+    """Raised by a :class:`Counting` decoder past its call budget (caught by nothing in the library)."""
+
+
+class Counting:
+    """Wrap a decoder; record the batch size of every call, raise past ``budget`` calls."""
+
+    def __init__(self, fn, budget=None):
+        self.fn, self.budget, self.sizes = fn, budget, []
+
+    def __call__(self, z):
+        self.sizes.append(z.shape[0])
+        if self.budget is not None and len(self.sizes) > self.budget:
+            raise OverBudget(f"decoder called more than {self.budget} times")
+        return self.fn(z)
+
+
+def rank_one(z):
+    s = z[:, 0] + z[:, 1]
+    return torch.stack([s, s**2], dim=-1)
+
+
+def polar(z):
+    r = torch.exp(z[:, 0])
+    return torch.stack([r * torch.cos(z[:, 1]), r * torch.sin(z[:, 1])], dim=-1)
+
+
+def polar_point(p):
+    """Latent coordinates of the plane point ``p`` (angle in (-pi, pi])."""
+    return torch.stack([torch.log(p.norm(dim=-1)), torch.atan2(p[..., 1], p[..., 0])], dim=-1)
+
+
+def convergence_warnings(record):
+    return [w for w in record if issubclass(w.category, ConvergenceWarning)]
+
+
+@pytest.fixture(scope="module")
+def counted():
+    """A nonlinear decoder that counts its calls, with its space."""
+    decoder = Counting(tanh_mlp(2, 6, hidden=8, seed=1))
+    space = PullbackManifold(decoder, dim=2)
+    space.metric.metric_matrix(torch.zeros(2, dtype=F64))  # validated once
+    return space, decoder
+
+
+# --------------------------------------------------------------------- inputs
+
+P = torch.tensor([0.1, -0.2], dtype=F64)
+PS = torch.tensor([[0.1, -0.2], [0.3, 0.1], [-0.2, 0.4]], dtype=F64)
+
+
+# (method, positional arguments, the argument that is wrong, error type, fragments naming it and the fix)
+BAD_ARGUMENTS = [
+    ("exp", (torch.zeros(3, dtype=F64), P), ValueError, ["tangent_vec has shape (3,)", "expected (..., 2)"]),
+    ("exp", (P, torch.zeros(2, dtype=torch.int64)), TypeError, ["base_point has dtype torch.int64", "base_point.to(torch.float64)"]),
+    ("exp", (torch.tensor([INF, 0.0], dtype=F64), P), ValueError, ["tangent_vec contains NaN or Inf", "pass finite"]),
+    ("exp", (torch.cat([PS[:2], torch.tensor([[0.0, NAN]], dtype=F64)]), PS), ValueError, ["tangent_vec contains NaN or Inf (first at flat index 2", "pass finite"]),
+    ("log", (torch.tensor([NAN, 0.0], dtype=F64), P), ValueError, ["point contains NaN or Inf", "pass finite"]),
+    ("log", (P, torch.zeros(2, 3, dtype=F64)), ValueError, ["base_point has shape (2, 3)", "expected (..., 2)"]),
+    ("log", (torch.zeros(2, dtype=torch.bool), P), TypeError, ["point has dtype torch.bool", "point.to(torch.float64)"]),
+    ("solve_log", (P, P, torch.tensor([0.0, -INF], dtype=F64)), ValueError, ["initial_tangent_vec contains NaN or Inf"]),
+    ("inner_product", (P, torch.tensor([NAN, 1.0], dtype=F64), P), ValueError, ["tangent_vec_b contains NaN or Inf"]),
+    ("inner_product", (torch.zeros(4, dtype=F64), P, P), ValueError, ["tangent_vec_a has shape (4,)", "expected (..., 2)"]),
+    ("norm", (P, torch.tensor([1, 2], dtype=torch.int32)), TypeError, ["base_point has dtype torch.int32", "base_point.to(torch.float64)"]),
+    ("angle", (P, P, torch.tensor([INF, 0.0], dtype=F64)), ValueError, ["base_point contains NaN or Inf"]),
+    ("christoffels", (torch.zeros(2, 1, dtype=F64),), ValueError, ["base_point has shape (2, 1)", "expected (..., 2)"]),
+    ("geodesic_acceleration", (P, torch.tensor([0.0, NAN], dtype=F64)), ValueError, ["velocity contains NaN or Inf"]),
+    ("curve_length", (torch.zeros(5, 3, dtype=F64),), ValueError, ["curve has shape (5, 3)"]),
+    ("curve_energy", (torch.zeros(5, 2, dtype=torch.int64),), TypeError, ["curve has dtype torch.int64"]),
+]
+
+
+@pytest.mark.parametrize(
+    "method, args, error, fragments",
+    BAD_ARGUMENTS,
+    ids=[f"{case[0]}-{case[3][0].split(' ')[0]}-{i}" for i, case in enumerate(BAD_ARGUMENTS)],
+)
+def test_bad_argument_is_named_with_its_fix_before_any_decoder_call(counted, method, args, error, fragments):
+    space, decoder = counted
+    before = len(decoder.sizes)
+    with pytest.raises(error) as info:
+        getattr(space.metric, method)(*args)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    assert len(decoder.sizes) == before  # rejected before any work
+
+
+@pytest.mark.parametrize(
+    "method, args, listing",
+    [
+        ("exp", (torch.zeros(3, 2, dtype=F64), torch.zeros(4, 2, dtype=F64)), "tangent_vec (3, 2), base_point (4, 2)"),
+        (
+            "inner_product",
+            (torch.zeros(2, 2, dtype=F64), torch.zeros(5, 2, dtype=F64), torch.zeros(2, dtype=F64)),
+            "tangent_vec_a (2, 2), tangent_vec_b (5, 2), base_point (2,)",
+        ),
+        ("solve_log", (torch.zeros(2, 3, 2, dtype=F64), torch.zeros(4, 1, 2, dtype=F64)), "point (2, 3, 2), base_point (4, 1, 2)"),
+    ],
+)
+def test_mismatched_batch_shapes_list_every_argument(counted, method, args, listing):
+    space, decoder = counted
+    before = len(decoder.sizes)
+    with pytest.raises(ValueError, match="batch shapes do not broadcast") as info:
+        getattr(space.metric, method)(*args)
+    assert listing in str(info.value)
+    assert len(decoder.sizes) == before
+
+
+def test_mixed_devices_are_named(counted):
+    space, decoder = counted
+    before = len(decoder.sizes)
+    # "meta" is a second device on every machine (no data, so nothing can be computed on it)
+    with pytest.raises(ValueError, match=r"different devices \(tangent_vec on meta, base_point on cpu\).*move them"):
+        space.metric.exp(torch.zeros(2, dtype=F64, device="meta"), P)
+    with pytest.raises(ValueError, match="base_point is on the meta device, which holds no data"):
+        space.metric.metric_matrix(torch.zeros(2, dtype=F64, device="meta"))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"point on cuda:0, base_point on cpu"):
+            space.metric.log(P.cuda(), P)
+    assert len(decoder.sizes) == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dist(point_a, point_b) validates through log(point_b, point_a): a bad point_a is reported "
+    "as 'base_point' (DecoderPullbackMetric.squared_dist passes no names of its own)",
+)
+def test_dist_names_its_own_arguments(counted):
+    space, _ = counted
+    with pytest.raises(ValueError, match="point_a has shape"):
+        space.metric.dist(torch.zeros(3, dtype=F64), P)
+
+
+def test_empty_batches_give_empty_results(counted):
+    space, _ = counted
+    m = space.metric
+    empty = torch.zeros(0, 2, dtype=F64)
+    assert m.metric_matrix(empty).shape == (0, 2, 2)
+    assert m.christoffels(empty).shape == (0, 2, 2, 2)
+    assert m.inner_product(empty, empty, empty).shape == (0,)
+    assert m.log(empty, empty).shape == (0, 2)
+    assert m.dist(empty, P).shape == (0,)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="geodesics._per_pair_norm reshapes with -1, which fails on 0 elements (RuntimeError from torchdiffeq's first step)",
+)
+def test_exp_of_an_empty_batch_is_empty(counted):
+    space, _ = counted
+    empty = torch.zeros(0, 2, dtype=F64)
+    assert space.metric.exp(empty, empty).shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        (dict(regularization="0.1"), TypeError, "regularization must be a float eps >= 0"),
+        (dict(regularization=-1e-3), ValueError, "regularization must be a finite float >= 0"),
+        (dict(regularization=NAN), ValueError, "regularization must be a finite float >= 0"),
+        (dict(ode_options={"max_num_steps": 10}), TypeError, "ode_options must be an ODEOptions"),
+        (dict(ode_options=ODEOptions(max_num_steps=0)), ValueError, "ode_options.max_num_steps must be a positive int"),
+        (dict(max_iter=0), ValueError, "max_iter must be a positive int"),
+        (dict(log_tol=-1e-8), ValueError, "log_tol must be a positive float"),
+        (dict(log_method="newton"), ValueError, "log_method must be one of"),
+    ],
+)
+def test_bad_settings_fail_at_construction(kwargs, error, fragment):
+    decoder = Counting(tanh_mlp(2, 3, hidden=4, seed=0))
+    with pytest.raises(error, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+        PullbackManifold(decoder, dim=2, **kwargs)
+    assert decoder.sizes == []
+
+
+# ------------------------------------------------------------------- decoders
+
+
+def test_bad_decoder_is_caught_on_two_probe_points_not_the_batch():
+    """A decoder that drops rows or returns NaN is rejected after calls on at most 2 points."""
+    net = tanh_mlp(2, 6, hidden=8, seed=1)
+    z = torch.randn(1000, 2, dtype=F64, generator=torch.Generator().manual_seed(0)) * 0.3
+    dropping = Counting(lambda x: net(x)[:-1])
+    with pytest.raises(DecoderError, match=r"decoder returned shape \(1, 6\) for input \(2, 2\).*batch shape first"):
+        PullbackManifold(dropping, dim=2).metric.log(z, z.flip(0))
+    nan = Counting(lambda x: net(x) * float("nan"))
+    with pytest.raises(DecoderError, match="decoder returned NaN or Inf"):
+        PullbackManifold(nan, dim=2).metric.exp(z, z)
+    assert max(dropping.sizes) <= 2 and max(nan.sizes) <= 2
+
+
+def test_decoder_nan_away_from_the_probe_points_is_named_as_such():
+    """NaN outputs found later are reported as the decoder's, not as a singular metric."""
+
+    def half_plane(z):  # defined for z0 < 5 only
+        return torch.cat([z, torch.sqrt(5 - z[:, :1])], dim=-1)
+
+    m = PullbackManifold(half_plane, dim=2).metric
+    z = torch.tensor([[0.0, 0.0], [1.0, 0.0], [6.0, 0.5]], dtype=F64)
+    for method in (m.metric_matrix, m.christoffels):
+        with pytest.raises(DecoderError, match=r"at 1 point\(s\), first \[6\.0, 0\.5\]: the decoder returns NaN/Inf"):
+            method(z)
+    # exp from the bad point is flagged NaN; its batch-mates are solved as if alone
+    v = torch.tensor([[0.3, 0.1], [-0.2, 0.4], [0.1, 0.0]], dtype=F64)
+    with pytest.warns(ConvergenceWarning, match="1 of 3 pairs"):
+        end = m.exp(v, z)
+    assert torch.isnan(end[2]).all()
+    torch.testing.assert_close(end[:2], m.exp(v[:2], z[:2]), rtol=0, atol=1e-7)
+
+
+def test_integer_outputs_name_the_callable():
+    decoder = GaussianDecoder(lambda z: torch.tanh(z), std=lambda z: (10 * z).long())
+    with pytest.raises(TypeError, match="std returned dtype torch.int64.*remove integer casts or rounding"):
+        PullbackManifold(decoder, dim=2).metric.metric_matrix(P)
+
+
+def test_decoder_through_numpy_is_a_decoder_error():
+    def through_numpy(z):
+        return torch.from_numpy(z.numpy() ** 2)
+
+    with pytest.raises(DecoderError, match=r"cannot be differentiated by torch\.func.*no \.numpy\(\)"):
+        PullbackManifold(through_numpy, dim=2).metric.metric_matrix(P)
+
+
+def test_decoder_with_wrong_dtype_says_how_to_fix_it():
+    W = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))  # float32 weights
+    with pytest.raises(DecoderError, match="Pass points with the decoder's dtype and device, or an nn.Module"):
+        PullbackManifold(lambda z: z @ W.T, dim=2).metric.metric_matrix(P)
+    with pytest.raises(DecoderError, match="returned dtype torch.float32 for torch.float64 points"):
+        PullbackManifold(lambda z: torch.tanh(z).float(), dim=2).metric.metric_matrix(P)
+
+
+def test_no_grad_inside_the_decoder_is_harmless():
+    """Forward-mode autodiff ignores torch.no_grad: the metric is still exact."""
+
+    def no_grad_tanh(z):
+        with torch.no_grad():
+            return torch.tanh(z)
+
+    z = torch.tensor([[0.3, -1.2], [2.0, 0.1]], dtype=F64)
+    G = PullbackManifold(no_grad_tanh, dim=2).metric.metric_matrix(z)
+    torch.testing.assert_close(G, torch.diag_embed((1 - torch.tanh(z) ** 2) ** 2), rtol=1e-14, atol=0)
+
+
+def test_saturated_decoder_is_not_called_non_differentiable():
+    """tanh saturates: at z = 30, 1 - tanh(30)^2 is exactly 0 in float64, so G = 0 there (the truth)."""
+    far = torch.tensor([30.0, -30.0], dtype=F64)
+    m = PullbackManifold(torch.tanh, dim=2).metric
+    assert torch.equal(m.metric_matrix(far), torch.zeros(2, 2, dtype=F64))
+    with pytest.raises(DecoderError, match="singular there.*pass regularization=eps"):
+        m.christoffels(far)
+    eps = 1e-3
+    G = PullbackManifold(torch.tanh, dim=2, regularization=eps).metric.metric_matrix(far)
+    assert torch.equal(G, eps * torch.eye(2, dtype=F64))
+
+
+# ------------------------------------------------------------- degenerate metric
+
+RANK_ONE_POINTS = torch.tensor([[0.1, 0.2], [0.3, -0.5], [0.0, 0.0], [1.0, 2.0], [-0.7, 0.1]], dtype=F64)
+
+
+def rank_one_metric(z, eps=0.0):
+    s = z[..., 0] + z[..., 1]
+    ones = torch.ones(2, 2, dtype=z.dtype)
+    return (1 + 4 * s**2)[..., None, None] * ones + eps * torch.eye(2, dtype=z.dtype)
+
+
+def test_rank_deficient_metric_is_exact_not_nan():
+    m = PullbackManifold(rank_one, dim=2).metric
+    torch.testing.assert_close(m.metric_matrix(RANK_ONE_POINTS), rank_one_metric(RANK_ONE_POINTS), rtol=1e-15, atol=0)
+    a, b = torch.tensor([1.0, -0.5], dtype=F64), torch.tensor([0.2, 0.7], dtype=F64)
+    s = RANK_ONE_POINTS.sum(-1)
+    torch.testing.assert_close(m.inner_product(a, b, RANK_ONE_POINTS), (1 + 4 * s**2) * 0.5 * 0.9, rtol=1e-14, atol=0)
+
+
+def test_rank_deficient_christoffels_and_exp_are_reported():
+    m = PullbackManifold(rank_one, dim=2).metric
+    with pytest.raises(DecoderError, match="singular there.*pass regularization=eps"):
+        m.christoffels(RANK_ONE_POINTS)
+    with pytest.raises(DecoderError, match="singular there.*pass regularization=eps"):
+        m.geodesic_acceleration(RANK_ONE_POINTS, RANK_ONE_POINTS)
+    with pytest.warns(ConvergenceWarning, match="5 of 5 pairs did not converge.*regularization"):
+        end = m.exp(0.5 * RANK_ONE_POINTS + 0.1, RANK_ONE_POINTS)
+    assert torch.isnan(end).all()  # NaN flags, not points
+    with pytest.raises(ConvergenceError):
+        PullbackManifold(rank_one, dim=2, on_failure="raise").metric.exp(RANK_ONE_POINTS, RANK_ONE_POINTS)
+
+
+def test_rank_deficient_log_is_flagged_or_gives_the_pseudo_distance():
+    """A pair is either flagged, or its distance is the true one: the metric's pseudo-distance
+    ``|sigma(s1) - sigma(s0)|`` (moving along ``z0 - z1`` costs nothing)."""
+    m = PullbackManifold(rank_one, dim=2).metric
+    z0, z1 = RANK_ONE_POINTS, RANK_ONE_POINTS.roll(1, 0)
+    report = m.solve_log(z1, z0)
+    ok = report.converged
+    assert ok.any(), report.summary()  # else the check below is empty
+    a = 1.0
+    sigma = lambda s: (s / 2) * torch.sqrt(a + 4 * s**2) + (a / 4) * torch.asinh(2 * s / math.sqrt(a))  # noqa: E731
+    truth = (sigma(z1.sum(-1)) - sigma(z0.sum(-1))).abs()
+    lengths = m.norm(report.tangent_vec[ok], z0[ok])
+    torch.testing.assert_close(lengths, truth[ok], rtol=1e-5, atol=0)  # energy_rtol 1e-5
+    if not report.all_converged:  # today (1, 2) -> (0, 0) and (-0.7, 0.1) -> (1, 2)
+        with pytest.warns(ConvergenceWarning, match=f"log: {report.n_failed} of 5 pairs"):
+            m.log(z1, z0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="geometry._solve_spd flags only failed Cholesky factorizations; a numerically singular G "
+    "whose factorization succeeds by rounding (L22 ~ 1e-8) gives finite, meaningless Christoffel symbols",
+)
+def test_christoffels_at_a_singular_point_are_never_silently_finite():
+    m = PullbackManifold(rank_one, dim=2).metric
+    with pytest.raises(DecoderError, match="singular"):
+        m.christoffels(torch.tensor([0.1, 0.2], dtype=F64))
+
+
+@pytest.mark.xfail(strict=True, reason="riemann_tensor has no finiteness check: NaN comes back silently")
+def test_riemann_tensor_of_a_singular_metric_is_an_error():
+    m = PullbackManifold(rank_one, dim=2).metric
+    with pytest.raises(DecoderError, match="singular"):
+        m.riemann_tensor(torch.zeros(2, dtype=F64))
+
+
+@pytest.mark.xfail(strict=True, reason="cometric_matrix calls torch.linalg.inv: a raw LinAlgError, no hint")
+def test_cometric_of_a_singular_metric_says_what_to_do():
+    m = PullbackManifold(rank_one, dim=2).metric
+    with pytest.raises(DecoderError, match="regularization"):
+        m.cometric_matrix(torch.zeros(2, dtype=F64))
+
+
+def test_regularization_makes_the_rank_deficient_decoder_usable():
+    eps = 1e-2
+    m = PullbackManifold(rank_one, dim=2, regularization=eps).metric
+    torch.testing.assert_close(m.metric_matrix(RANK_ONE_POINTS), rank_one_metric(RANK_ONE_POINTS, eps), rtol=1e-15, atol=0)
+    assert torch.isfinite(m.christoffels(RANK_ONE_POINTS)).all()
+    # closed form: flat in (sigma(s), sqrt(eps/2) t), sigma' = sqrt(a + 4 s^2), a = 1 + eps/2, t = z0 - z1
+    a = 1 + eps / 2
+    sigma = lambda s: (s / 2) * torch.sqrt(a + 4 * s**2) + (a / 4) * torch.asinh(2 * s / math.sqrt(a))  # noqa: E731
+    z0, z1 = RANK_ONE_POINTS, RANK_ONE_POINTS.roll(1, 0)
+    ds = sigma(z1.sum(-1)) - sigma(z0.sum(-1))
+    dt = (z1[:, 0] - z1[:, 1]) - (z0[:, 0] - z0[:, 1])
+    truth = torch.sqrt(ds**2 + eps / 2 * dt**2)
+    report = m.solve_log(z1, z0)
+    assert report.all_converged, report.summary()
+    torch.testing.assert_close(m.norm(report.tangent_vec, z0), truth, rtol=1e-6, atol=0)
+    torch.testing.assert_close(m.exp(report.tangent_vec, z0), z1, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------- failing solves
+
+CAP = ODEOptions(max_num_steps=40)
+# dopri5 evaluates the vector field 6 times per step, plus 2 for the first step size:
+# one capped solve costs at most 6 * max_num_steps + 2 geodesic accelerations (1 decoder call each).
+SOLVE_CALLS = 6 * CAP.max_num_steps + 2
+
+
+def test_exp_that_leaves_the_chart_in_finite_time_is_flagged_in_bounded_work():
+    """v = (-2, 0) from z = 0 goes radially in: r(t) = 1 - 2t hits 0 at t = 1/2 (z0 -> -inf)."""
+    decoder = Counting(polar)
+    m = PullbackManifold(decoder, dim=2, ode_options=CAP).metric
+    z = torch.zeros(2, 2, dtype=F64)
+    v = torch.tensor([[-2.0, 0.0], [0.3, 0.4]], dtype=F64)
+    start = time.perf_counter()
+    with pytest.warns(ConvergenceWarning, match="exp: 1 of 2 pairs did not converge.*max_num_steps"):
+        end = m.exp(v, z)
+    assert time.perf_counter() - start < 30
+    assert torch.isnan(end[0]).all()
+    # the other pair is still solved: the plane point (1, 0) + (0.3, 0.4)
+    torch.testing.assert_close(end[1], polar_point(torch.tensor([1.3, 0.4], dtype=F64)), rtol=0, atol=1e-7)
+    # the batch fails, then each half alone: 3 solves, two of which may run to the cap
+    assert len(decoder.sizes) <= 3 * SOLVE_CALLS + 20
+
+
+def test_step_cap_bounds_the_work_and_is_configurable():
+    """The work spent on a diverging geodesic grows with max_num_steps, and stays under its bound."""
+    v, z = torch.tensor([-2.0, 0.0], dtype=F64), torch.zeros(2, dtype=F64)
+    calls = {}
+    for cap in (10, 40):
+        decoder = Counting(polar)
+        m = PullbackManifold(decoder, dim=2, ode_options=ODEOptions(max_num_steps=cap), on_failure="ignore").metric
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)  # "ignore" means silent
+            assert torch.isnan(m.exp(v, z)).all()
+        calls[cap] = len(decoder.sizes)
+        assert calls[cap] <= 6 * cap + 2 + 10  # + validation calls
+    assert calls[40] > 2 * calls[10]
+
+
+def test_stiff_geodesic_hits_the_step_cap_then_succeeds_with_a_higher_one():
+    """An egg-crate surface (ripples of wavelength 1.05): some 25 dopri5 steps per unit time."""
+
+    def egg_crate(z):
+        return torch.cat([z, 0.05 * (torch.sin(6 * z[:, :1]) * torch.sin(6 * z[:, 1:]))], dim=-1)
+
+    v, z = torch.tensor([1.0, 0.6], dtype=F64), torch.zeros(2, dtype=F64)
+    capped = PullbackManifold(egg_crate, dim=2, ode_options=ODEOptions(max_num_steps=5), on_failure="raise").metric
+    with pytest.raises(ConvergenceError, match="ode_options.max_num_steps"):
+        capped.exp(v, z)
+    end = PullbackManifold(egg_crate, dim=2).metric.exp(v, z)
+    tight = PullbackManifold(egg_crate, dim=2, ode_options=ODEOptions(rtol=1e-9, atol=1e-11)).metric.exp(v, z)
+    torch.testing.assert_close(end, tight, rtol=0, atol=1e-6)
+
+
+def test_log_without_a_solution_is_flagged_in_bounded_work():
+    """Angles 0 and 3.5 > pi: no geodesic joins the points. The solvable pair next to it
+    (angle 1) still gets the chord distance."""
+    decoder = Counting(polar)
+    kwargs = dict(ode_options=CAP, max_iter=5)
+    m = PullbackManifold(decoder, dim=2, **kwargs).metric
+    z0 = torch.zeros(2, 2, dtype=F64)
+    z1 = torch.tensor([[0.0, 3.5], [0.2, 1.0]], dtype=F64)
+    start = time.perf_counter()
+    report = m.solve_log(z1, z0)
+    elapsed = time.perf_counter() - start
+    assert report.converged.tolist() == [False, True], report.summary()
+    chord = (polar(z1[1:]) - polar(z0[1:])).norm()
+    torch.testing.assert_close(m.norm(report.tangent_vec[1], z0[1]), chord, rtol=1e-7, atol=0)
+    assert elapsed < 30, elapsed
+    # the per-call work is bounded by the caps (each Newton iteration: a few capped solves)
+    assert len(decoder.sizes) < 5000, len(decoder.sizes)
+    with pytest.warns(ConvergenceWarning, match="log: 1 of 1 pairs did not converge"):
+        m.log(z1[0], z0[0])
+    with pytest.raises(ConvergenceError, match="1 of 1 pairs"):
+        PullbackManifold(polar, dim=2, on_failure="raise", **kwargs).metric.log(z1[0], z0[0])
+
+
+# ~15 s here: excluded from the default run (`pytest -m slow`).
+@pytest.mark.slow
+def test_log_without_a_solution_is_flagged_with_default_settings():
+    """The default method ("auto") gives up within a few thousand decoder calls (3362 measured)."""
+    decoder = Counting(polar, budget=5000)
+    m = PullbackManifold(decoder, dim=2).metric
+    report = m.solve_log(torch.tensor([0.0, 3.5], dtype=F64), torch.zeros(2, dtype=F64))
+    assert not report.converged
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=OverBudget,
+    reason="method='shooting' with default settings spends minutes on a log without solution "
+    "(62450 decoder calls, 228 s on 2 cores): every Newton trial geodesic runs into r = 0 and "
+    "uses the full 500-step cap, for up to 50 iterations x 5 line-search trials",
+)
+def test_shooting_log_without_a_solution_is_flagged_quickly_with_default_settings():
+    decoder = Counting(polar, budget=5000)  # about 20 s of work here
+    m = PullbackManifold(decoder, dim=2, log_method="shooting").metric
+    report = m.solve_log(torch.tensor([0.0, 3.5], dtype=F64), torch.zeros(2, dtype=F64))
+    assert not report.converged

@@ -1,0 +1,88 @@
+"""Parallel transport and the gradient of the squared distance, against closed forms on the sphere."""
+
+import torch
+
+from decoders_zoo import great_circle, inverse_stereographic, sample_cap, tanh_mlp
+from pullback_manifold import PullbackManifold
+
+F64 = torch.float64
+
+
+def _pushforward(z, w):
+    """Ambient vector J(z) w of the stereographic chart."""
+    return torch.func.jvp(inverse_stereographic, (z,), (w,))[1]
+
+
+def _pullback(space, z, W):
+    """Chart coordinates of an ambient tangent vector W at f(z): G^{-1} J^T W."""
+    J = torch.func.vmap(torch.func.jacfwd(lambda x: inverse_stereographic(x[None])[0]))(z)
+    return torch.linalg.solve(J.transpose(-1, -2) @ J, (J.transpose(-1, -2) @ W.unsqueeze(-1))).squeeze(-1)
+
+
+def test_transport_on_the_sphere_chart_matches_the_rotation_closed_form():
+    space = PullbackManifold(inverse_stereographic, dim=2)
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = sample_cap(6, 1.0, g), sample_cap(6, 1.0, g)
+    w = torch.randn(6, 2, generator=g, dtype=F64)
+    transported = space.metric.parallel_transport(w, z0, end_point=z1)
+
+    x0, x1 = inverse_stereographic(z0), inverse_stereographic(z1)
+    theta = great_circle(x0, x1)[:, None]
+    u = x1 - (x0 * x1).sum(-1, keepdim=True) * x0
+    u = u / u.norm(dim=-1, keepdim=True)  # unit initial direction of the great circle
+    normal = torch.linalg.cross(x0, u)  # fixed by the transport
+    W = _pushforward(z0, w)
+    alpha, beta = (W * u).sum(-1, keepdim=True), (W * normal).sum(-1, keepdim=True)
+    arrival = -torch.sin(theta) * x0 + torch.cos(theta) * u  # the great circle's unit velocity at x1
+    expected = _pullback(space, z1, alpha * arrival + beta * normal)
+    torch.testing.assert_close(transported, expected, rtol=1e-7, atol=1e-8)
+
+
+def test_transport_preserves_inner_products_on_a_nonlinear_decoder():
+    space = PullbackManifold(tanh_mlp(3, 10, seed=6), dim=3)
+    g = torch.Generator().manual_seed(1)
+    z0 = torch.randn(5, 3, generator=g, dtype=F64) * 0.5
+    direction = torch.randn(5, 3, generator=g, dtype=F64)
+    a, b = torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
+    z1 = space.metric.exp(direction, z0)
+    pa = space.metric.parallel_transport(a, z0, direction=direction)
+    pb = space.metric.parallel_transport(b, z0, direction=direction)
+    before = space.metric.inner_product(a, b, z0)
+    after = space.metric.inner_product(pa, pb, z1)
+    torch.testing.assert_close(after, before, rtol=1e-8, atol=1e-8 * before.abs().max())
+    torch.testing.assert_close(
+        space.metric.norm(pa, z1), space.metric.norm(a, z0), rtol=1e-8, atol=0
+    )
+    # the velocity of a geodesic is parallel along it
+    velocity = space.metric.parallel_transport(direction, z0, direction=direction)
+    arrival = space.metric.geodesic(initial_point=z0, initial_tangent_vec=direction)
+    t = torch.tensor([1 - 1e-4, 1 + 1e-4], dtype=F64)
+    finite_difference = (arrival(t)[:, 1] - arrival(t)[:, 0]) / 2e-4
+    torch.testing.assert_close(velocity, finite_difference, rtol=1e-6, atol=1e-7)
+
+
+def test_squared_dist_gradient_is_that_of_the_great_circle():
+    space = PullbackManifold(inverse_stereographic, dim=2)
+    g = torch.Generator().manual_seed(2)
+    z0, z1 = sample_cap(5, 1.0, g), sample_cap(5, 1.0, g)
+    a, b = z0.clone().requires_grad_(True), z1.clone().requires_grad_(True)
+    weights = torch.arange(1.0, 6.0, dtype=F64)
+    (space.metric.squared_dist(a, b) * weights).sum().backward()
+    a_ref, b_ref = z0.clone().requires_grad_(True), z1.clone().requires_grad_(True)
+    truth = great_circle(inverse_stereographic(a_ref), inverse_stereographic(b_ref)) ** 2
+    (truth * weights).sum().backward()
+    # d/da needs only log (tol 1e-8); d/db also the arrival velocity, integrated at rtol 1e-7
+    torch.testing.assert_close(a.grad, a_ref.grad, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(b.grad, b_ref.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_squared_dist_gradient_broadcasts_one_point_against_many():
+    space = PullbackManifold(tanh_mlp(2, 6, seed=1), dim=2)
+    g = torch.Generator().manual_seed(3)
+    center = torch.zeros(2, dtype=F64, requires_grad=True)
+    points = torch.randn(4, 2, generator=g, dtype=F64) * 0.5
+    space.metric.squared_dist(center, points).sum().backward()
+    # the gradient of sum_i d^2(c, x_i) is -2 G(c) sum_i log_c(x_i)
+    logs = space.metric.log(points, center.detach())
+    expected = -2 * space.metric.metric_matrix(center.detach()) @ logs.sum(0)
+    torch.testing.assert_close(center.grad, expected, rtol=1e-10, atol=1e-12)
