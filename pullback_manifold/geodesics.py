@@ -426,6 +426,9 @@ def shooting_log(
     )
 
 
+_STALL_WINDOW = 8
+
+
 @torch.no_grad()
 def _newton_shooting(
     embed, point, base_point, initial_tangent_vec, options, regularization, tol, max_iter, max_halvings
@@ -469,7 +472,15 @@ def _newton_shooting(
     damping = torch.zeros(n, dtype=v.dtype, device=v.device)
     eye = torch.eye(d, dtype=v.dtype, device=v.device)
     final_only = level is options
+    # Stagnation: a pair whose residual has not halved in the last _STALL_WINDOW
+    # iterations has no geodesic to find (or none this first guess reaches): give it up
+    # rather than spend the iteration cap on trial geodesics that run off the chart.
+    history: list[Tensor] = []
     for _ in range(max_iter):
+        if len(history) >= _STALL_WINDOW:
+            before = history[-_STALL_WINDOW]
+            failed |= ~failed & (n_iter >= _STALL_WINDOW) & ~(residual <= 0.5 * before) & ~(residual <= pair_tol)
+        history.append(residual.clone())
         active = ~failed & ~((residual <= pair_tol) & (measured_at == rtol_final))
         if not active.any():
             break

@@ -124,7 +124,13 @@ def _solve_spd(G: Tensor, rhs: Tensor) -> Tensor:
     vector = rhs.dim() == G.dim() - 1
     x = torch.cholesky_solve(rhs.unsqueeze(-1) if vector else rhs, L)
     x = x.squeeze(-1) if vector else x
-    bad = (info != 0).reshape(info.shape + (1,) * (x.dim() - info.dim()))
+    # A rank-deficient G can still factor by rounding (a pivot ~ sqrt(eps)): the solve
+    # is then meaningless. (min/max pivot)^2 estimates 1/cond(G); below 10 eps the
+    # solution has less than one correct digit.
+    pivots = L.diagonal(dim1=-2, dim2=-1).abs()
+    ratio = (pivots.amin(-1) / pivots.amax(-1).clamp_min(torch.finfo(G.dtype).tiny)) ** 2
+    singular = (info != 0) | ~(ratio > 10 * torch.finfo(G.dtype).eps)
+    bad = singular.reshape(info.shape + (1,) * (x.dim() - info.dim()))
     return torch.where(bad, torch.full_like(x, float("nan")), x)
 
 

@@ -428,8 +428,11 @@ class DecoderPullbackMetric(RiemannianMetric):
         -------
         cometric : Tensor, shape=[..., d, d]
         """
-        G = self.metric_matrix(base_point)
-        return torch.linalg.inv(G)
+        (z,), batch = self._prepare("base_point", base_point=base_point)
+        G = self._check_finite(geometry.metric_matrix(self._embed, z, self.regularization), "the metric", z)
+        eye = torch.eye(self.dim, dtype=G.dtype, device=G.device).expand_as(G)
+        cometric = self._check_finite(geometry._solve_spd(G, eye), "the inverse metric", z)
+        return cometric.reshape(*batch, self.dim, self.dim)
 
     def inner_product_derivative_matrix(self, base_point=None):
         """Derivative of the metric, ``mat[..., i, j, k] = d_k G_ij``.
@@ -489,7 +492,7 @@ class DecoderPullbackMetric(RiemannianMetric):
             + torch.einsum("...ijlm->...mjli", prod)
             - torch.einsum("...ijlm->...lmji", prod)
         )
-        return riemann.reshape(*batch, d, d, d, d)
+        return self._check_finite(riemann, "the Riemann tensor", z).reshape(*batch, d, d, d, d)
 
     def geodesic_acceleration(self, position, velocity):
         """Geodesic acceleration ``-G^{-1} J^T d^2 f[v, v]`` by nested JVPs.
@@ -697,6 +700,8 @@ class DecoderPullbackMetric(RiemannianMetric):
         -------
         sq_dist : Tensor, shape=[...]
         """
+        # validated here, so that errors name this method's own arguments
+        self._prepare("point_a", True, point_a=point_a, point_b=point_b)
         a, b = torch.as_tensor(point_a), torch.as_tensor(point_b)
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             return _SquaredDistance.apply(a, b, self)
@@ -746,6 +751,76 @@ class DecoderPullbackMetric(RiemannianMetric):
         transported, _, ok = parallel_transport(self._embed, w, z, v, self.ode_options, self.regularization)
         self._report(int((~ok).sum()), len(ok), "parallel_transport")
         return _nan_rows(transported, ok).reshape(*batch, self.dim)
+
+    # ----------------------------------------------------------- statistics
+    def dist_pairwise(self, points, n_jobs=1, **joblib_kwargs):
+        """Pairwise geodesic distance matrix, all pairs in one batched solve.
+
+        Overrides geomstats' ``RiemannianMetric.dist_pairwise``, which calls
+        ``dist`` once per pair, so that geomstats' tools built on it
+        (``RiemannianKMedoids``) are batched. Same result as
+        :func:`pullback_manifold.statistics.pairwise_dists`: only the pairs
+        ``i < j`` are solved, the diagonal is exactly zero, and non-converged
+        pairs follow the space's ``on_failure`` policy, as in ``dist``.
+
+        Parameters
+        ----------
+        points : array-like, shape=[n, d]
+        n_jobs : int
+            Ignored (geomstats' signature): the pairs are solved in one batch,
+            not by parallel jobs.
+        **joblib_kwargs
+            Ignored (geomstats' signature).
+
+        Returns
+        -------
+        dists : Tensor, shape=[n, n]
+        """
+        from .statistics import pairwise_dists  # noqa: PLC0415  (statistics imports this module)
+
+        return pairwise_dists(self._space, points)
+
+    def exp(self, tangent_vec, base_point):
+        """Exponential map, differentiable in both arguments.
+
+        The end point comes from ``exp_solver`` (geomstats' slot), unchanged.
+        When an input requires gradients, they are those of the linearization
+        ``exp(v, z) + Phi (z' - z) + Psi (v' - v)``, with ``Phi = dexp/dz`` and
+        ``Psi = dexp/dv`` from the variational (Jacobi) equations integrated
+        along the geodesic; geomstats' Riemannian geodesic regression
+        differentiates its loss through ``exp`` this way.
+
+        Parameters
+        ----------
+        tangent_vec, base_point : array-like, shape=[..., d]
+
+        Returns
+        -------
+        end_point : Tensor, shape=[..., d]
+            NaN where the ODE solve failed (with gradients: where either solve failed).
+        """
+        from .geodesics import _odeint_flagged, _times, _variational_rhs  # noqa: PLC0415
+
+        end = super().exp(tangent_vec, base_point)
+        v_in, z_in = torch.as_tensor(tangent_vec), torch.as_tensor(base_point)
+        if not (torch.is_grad_enabled() and (v_in.requires_grad or z_in.requires_grad)):
+            return end
+        (v, z), batch = self._prepare("base_point", True, tangent_vec=v_in, base_point=z_in)
+        n, d = z.shape
+        eye = torch.eye(d, dtype=z.dtype, device=z.device).reshape(1, d * d).expand(n, d * d)
+        zero = torch.zeros_like(eye)
+        # Columns of (dz(t), dv(t)) from (I, 0) at t = 0 give Phi, from (0, I) give Psi: one batched solve.
+        y0 = torch.cat([torch.cat([z, v, eye, zero], -1), torch.cat([z, v, zero, eye], -1)])
+        rhs = _variational_rhs(self._embed, d, self.regularization)
+        ys, ok = _odeint_flagged(rhs, y0, _times(0.0, 1.0, y0), self.ode_options, 2 * d)
+        ok = ok[:n] & ok[n:]
+        self._report(int((~ok).sum()), n, "exp (Jacobian, for gradients)")
+        jac = ys[-1, :, 2 * d : 2 * d + d * d].reshape(2, n, d, d)
+        phi, psi = _nan_rows(jac[0], ok), _nan_rows(jac[1], ok)
+        dz = z_in.expand(*batch, d).reshape(n, d).to(z.dtype)
+        dv = v_in.expand(*batch, d).reshape(n, d).to(z.dtype)
+        delta = (phi @ (dz - dz.detach()).unsqueeze(-1) + psi @ (dv - dv.detach()).unsqueeze(-1)).squeeze(-1)
+        return end + delta.reshape(*batch, d)
 
 
 class _SquaredDistance(torch.autograd.Function):

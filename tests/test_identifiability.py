@@ -5,7 +5,6 @@ norm-dependent rotation h(z) = R(theta(|z|)) z has decoder f o h^{-1} on codes
 h(z). Euclidean latent geometry changes; the pull-back geometry must not.
 """
 
-import pytest
 import torch
 from geomstats.learning.frechet_mean import FrechetMean
 
@@ -14,9 +13,6 @@ from pullback_manifold import PullbackManifold
 
 F64 = torch.float64
 
-# Slow on 2 cores (the reparametrized decoder's geodesics bend strongly, and shooting
-# falls back to discrete geodesics): excluded from the default run, `pytest -m slow`.
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

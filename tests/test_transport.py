@@ -3,7 +3,7 @@
 import torch
 
 from decoders_zoo import great_circle, inverse_stereographic, sample_cap, tanh_mlp
-from pullback_manifold import PullbackManifold
+from pullback_manifold import ODEOptions, PullbackManifold
 
 F64 = torch.float64
 
@@ -39,10 +39,14 @@ def test_transport_on_the_sphere_chart_matches_the_rotation_closed_form():
 
 
 def test_transport_preserves_inner_products_on_a_nonlinear_decoder():
-    space = PullbackManifold(tanh_mlp(3, 10, seed=6), dim=3)
+    # Preservation holds to the ODE's error: at the default rtol 1e-7 norms drift ~2e-8;
+    # the 1e-8 target is met by asking the integrator for it.
+    space = PullbackManifold(tanh_mlp(3, 10, seed=6), dim=3, ode_options=ODEOptions(rtol=1e-10, atol=1e-12))
     g = torch.Generator().manual_seed(1)
     z0 = torch.randn(5, 3, generator=g, dtype=F64) * 0.5
-    direction = torch.randn(5, 3, generator=g, dtype=F64)
+    # short enough that every geodesic stays where the decoder is not flat (a longer one
+    # runs off to infinity in finite time: exp flags it, see test_reliability)
+    direction = 0.5 * torch.randn(5, 3, generator=g, dtype=F64)
     a, b = torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
     z1 = space.metric.exp(direction, z0)
     pa = space.metric.parallel_transport(a, z0, direction=direction)
