@@ -5,6 +5,7 @@ norm-dependent rotation h(z) = R(theta(|z|)) z has decoder f o h^{-1} on codes
 h(z). Euclidean latent geometry changes; the pull-back geometry must not.
 """
 
+import pytest
 import torch
 from geomstats.learning.frechet_mean import FrechetMean
 
