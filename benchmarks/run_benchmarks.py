@@ -761,6 +761,8 @@ def main(argv=None) -> int:
     parser.add_argument("--problems", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--geomstats-problems", default="a,b,d", help="problems geomstats runs on (it is slow)")
     parser.add_argument("--peer-time-cap", type=float, default=None, help="wall-time cap per peer log, seconds (default 90)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of our solve_log methods (shooting,energy,auto; default all)")
     parser.add_argument("--no-geomstats", action="store_true")
     parser.add_argument("--no-stochman", action="store_true")
     parser.add_argument("--throughput", action="store_true", help="also time 10,000 logs at d=2 on (d) (on (b) without it)")
@@ -768,6 +770,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
     args = parser.parse_args(argv)
+    args.methods = None if args.methods is None else {m.strip() for m in args.methods.split(",") if m.strip()}
     quick = args.quick
     n_pairs = args.pairs or (4 if quick else 30)
     n_stoch = min(args.stochman_pairs or (2 if quick else 10), n_pairs)
@@ -794,6 +797,8 @@ def main(argv=None) -> int:
         warm = (problem.z0[:1] * 0.9 + 0.05, problem.z1[:1] * 0.9 - 0.05)
         results = []
         for method in solve_log_methods(PullbackManifold(problem.decoder, problem.dim)):
+            if args.methods and method not in args.methods:
+                continue
             res = run_ours(problem, method, warm)
             print(f"    {res.name}: {res.seconds_per_geodesic:.3g} s/geodesic {res.error}", flush=True)
             results.append(res)

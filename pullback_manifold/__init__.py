@@ -19,12 +19,14 @@ from .decoders import (  # noqa: E402
 from .errors import ConvergenceError, ConvergenceWarning, DecoderError  # noqa: E402
 from .geodesics import LogResult, ODEOptions  # noqa: E402
 from .manifold import DecoderPullbackMetric, PullbackManifold  # noqa: E402
+from .statistics import pairwise_dists  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PullbackManifold",
     "DecoderPullbackMetric",
+    "pairwise_dists",
     "Decoder",
     "DeterministicDecoder",
     "GaussianDecoder",

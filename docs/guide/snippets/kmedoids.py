@@ -21,7 +21,7 @@ points = torch.cat([torch.tensor([-1.3, 0.0]) + offsets, torch.tensor([1.3, 0.0]
 
 torch.manual_seed(0)  # geomstats picks the initial medoids at random
 kmedoids = RiemannianKMedoids(space, n_clusters=2)
-kmedoids.fit(points)  # computes the 6 x 6 geodesic distance matrix
+kmedoids.fit(points)  # the 6 x 6 geodesic distance matrix: 15 pairs, one batched solve
 print("labels ", kmedoids.labels_.tolist())
 print("medoids", kmedoids.cluster_centers_.tolist())
 labels = kmedoids.labels_

@@ -2,8 +2,9 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 
 import pullback_manifold  # noqa: F401  (import it before geomstats: selects the pytorch backend)
-from pullback_manifold import PullbackManifold
+from pullback_manifold import PullbackManifold, pairwise_dists
 
+# geomstats' tools create their own tensors in torch's default dtype: make it float64.
 torch.set_default_dtype(torch.float64)
 
 
@@ -20,17 +21,10 @@ points = torch.cat([torch.tensor([-1.3, 0.0]) + offsets, torch.tensor([1.3, 0.0]
 labels = torch.tensor([0, 0, 0, 1, 1, 1])
 new_points = torch.tensor([[-1.0, -0.3], [1.0, 0.3]])
 
-# All geodesic distances from the new points to the training points, in one batched call.
-n_new, n_train = len(new_points), len(points)
-queries = new_points[:, None].expand(n_new, n_train, 2)
-references = points[None].expand(n_new, n_train, 2)
-distances = space.metric.dist(queries, references)  # (2, 6)
-
-# The (symmetric) training distance matrix, upper triangle only, also batched.
-i, j = torch.triu_indices(n_train, n_train, offset=1)
-train = torch.zeros(n_train, n_train)
-train[i, j] = space.metric.dist(points[i], points[j])
-train = train + train.T
+# Geodesic distances from the new points to the training points, and between the training
+# points, each matrix in one batched solve.
+distances = pairwise_dists(space, new_points, points)  # (2, 6): dist(new_points[i], points[j])
+train = pairwise_dists(space, points)  # (6, 6): the 15 pairs i < j, mirrored, zero diagonal
 
 knn = KNeighborsClassifier(n_neighbors=3, metric="precomputed")
 knn.fit(train.numpy(), labels.numpy())
