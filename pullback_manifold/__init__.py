@@ -19,7 +19,9 @@ from .decoders import (  # noqa: E402
 from .errors import ConvergenceError, ConvergenceWarning, DecoderError  # noqa: E402
 from .geodesics import LogResult, ODEOptions  # noqa: E402
 from .manifold import DecoderPullbackMetric, PullbackManifold  # noqa: E402
+from .gaussian_process import GaussianProcessDecoder  # noqa: E402
 from .statistics import pairwise_dists  # noqa: E402
+from .variance import RBFPrecision, fit_rbf_precision  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,9 @@ __all__ = [
     "DeterministicDecoder",
     "GaussianDecoder",
     "EnsembleDecoder",
+    "GaussianProcessDecoder",
+    "RBFPrecision",
+    "fit_rbf_precision",
     "MetricDecoder",
     "as_decoder",
     "ODEOptions",
