@@ -7,10 +7,17 @@ test-case methods that have no ``*_test_data`` (otherwise collected and failing
 with "fixture not found").
 """
 
+import os
+
 import pullback_manifold  # noqa: F401  (must come before geomstats)
 import pytest
 import torch
 from geomstats.test.conf import pytest_collection_modifyitems, pytest_make_parametrize_id  # noqa: F401
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker: the workers share the cores (no oversubscription)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
