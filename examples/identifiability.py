@@ -41,10 +41,10 @@ from pullback_manifold.vae import digits_vae  # noqa: E402
 ALPHA = 0.25  # swirl strength: h rotates by ALPHA |z|^2 radians (1 rad at |z| = 2)
 
 # (class, class) pairs of class-centre codes, and the classes whose means are compared.
-PAIRS = ((0, 0), (7, 7), (0, 7), (3, 4))
+PAIRS = ((0, 0), (4, 4), (7, 7), (0, 6), (1, 7))
 MEAN_CLASSES = (0, 4, 7)
-FULL = dict(pairs=PAIRS, mean_classes=MEAN_CLASSES, per_class=10, frechet_max_iter=4, resolution=140)
-QUICK = dict(pairs=PAIRS[2:3], mean_classes=MEAN_CLASSES[:2], per_class=4, frechet_max_iter=2, resolution=50)
+FULL = dict(pairs=PAIRS, mean_classes=MEAN_CLASSES, per_class=8, frechet_max_iter=3, resolution=140)
+QUICK = dict(pairs=((4, 4),), mean_classes=(1, 6), per_class=3, frechet_max_iter=1, resolution=50)
 
 
 # ----------------------------------------------------------------------------- the swirl
