@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import DecoderError
+from .jets import Jet, generic, module_jet
 
 __all__ = [
     "Decoder",
@@ -90,6 +91,14 @@ class _TorchFunction:
         if isinstance(self.fn, nn.Module):
             self._state(dtype, device)
 
+    def jet(self, jet: Jet) -> Jet:
+        """Taylor-mode derivatives (:mod:`~pullback_manifold.jets`), in eval mode with the cast parameters."""
+        if isinstance(self.fn, nn.Module):
+            state = self._state(jet.value.dtype, jet.value.device)
+            with _eval_mode(self.fn):
+                return module_jet(self.fn, state, jet)
+        return generic(self.fn, jet)
+
     def __call__(self, z: Tensor) -> Tensor:
         if isinstance(self.fn, nn.Module):
             state = self._state(z.dtype, z.device)
@@ -139,6 +148,21 @@ class Decoder(abc.ABC):
         """Same as :meth:`embed`."""
         return self.embed(z)
 
+    def jet(self, jet: Jet) -> Jet:
+        """Derivatives of :meth:`embed` at a :class:`~pullback_manifold.jets.Jet` of latent points.
+
+        Parameters
+        ----------
+        jet : Jet
+            Latent points ``(n, d)``, directions ``(k, n, d)``, second derivative ``(n, d)``.
+
+        Returns
+        -------
+        jet : Jet
+            ``embed`` and its derivatives, ``(n, D)``, ``(k, n, D)``, ``(n, D)``.
+        """
+        return generic(self._embed, jet)
+
 
 def _flatten_output(out, z: Tensor, name: str) -> Tensor:
     """Check a raw decoder output against its input and flatten it to ``(n, D)``."""
@@ -166,6 +190,25 @@ def _flatten_output(out, z: Tensor, name: str) -> Tensor:
     return out.reshape(*batch, math.prod(out.shape[len(batch) :]))
 
 
+def _flatten_jet(out: Jet, z: Tensor, name: str) -> Jet:
+    """:func:`_flatten_output` for a jet: ``(n, *out) -> (n, D)`` on every component."""
+    value = _flatten_output(out.value, z, name)
+    k = out.first.shape[0]
+    second = None if out.second is None else out.second.reshape(value.shape)
+    return out.replace(value, out.first.reshape(k, *value.shape), second)
+
+
+def _concatenate(jets: list[Jet], scale: float) -> Jet:
+    """Jet of ``z -> scale * [f_1(z); ...; f_M(z)]``."""
+
+    def cat(parts):
+        out = torch.cat(parts, dim=-1)
+        return out if scale == 1.0 else out * scale
+
+    second = None if jets[0].second is None else cat([j.second for j in jets])
+    return jets[0].replace(cat([j.value for j in jets]), cat([j.first for j in jets]), second)
+
+
 class DeterministicDecoder(Decoder):
     """A deterministic decoder ``f``; the metric is ``J_f^T J_f``.
 
@@ -180,6 +223,9 @@ class DeterministicDecoder(Decoder):
 
     def _embed(self, z: Tensor) -> Tensor:
         return _flatten_output(self._f(z), z, "decoder")
+
+    def jet(self, jet: Jet) -> Jet:
+        return _flatten_jet(self._f.jet(jet), jet.value, "decoder")
 
 
 class GaussianDecoder(Decoder):
@@ -227,6 +273,15 @@ class GaussianDecoder(Decoder):
         mu, sigma = self.mean_and_std(z)
         return torch.cat([mu, sigma], dim=-1)
 
+    def jet(self, jet: Jet) -> Jet:
+        if self._std is None:  # one callable returning a pair: differentiate the whole map
+            return generic(self._embed, jet)
+        mu = _flatten_jet(self._mean.jet(jet), jet.value, "mean")
+        sigma = _flatten_jet(self._std.jet(jet), jet.value, "std")
+        if mu.value.shape != sigma.value.shape:
+            self.mean_and_std(jet.value)  # raises the shape error
+        return _concatenate([mu, sigma], 1.0)
+
 
 class EnsembleDecoder(Decoder):
     r"""An ensemble of decoders; the metric is :math:`\frac1M \sum_m J_m^T J_m`.
@@ -250,6 +305,9 @@ class EnsembleDecoder(Decoder):
 
     def _embed(self, z: Tensor) -> Tensor:
         return torch.cat([m.embed(z) for m in self.members], dim=-1) * self._scale
+
+    def jet(self, jet: Jet) -> Jet:
+        return _concatenate([m.jet(jet) for m in self.members], self._scale)
 
 
 class MetricDecoder(Decoder):

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vmap
 
 from .decoders import MetricDecoder
 from .geodesics import LogResult
-from .geometry import Embedding, _squared_speeds, curve_energy, curve_length, metric_matrix
+from .geometry import Embedding, _squared_speeds, curve_energy, curve_length, embedding_jet, metric_matrix
 
 __all__ = ["discrete_geodesic", "energy_log", "interpolate_curve", "arc_length_times"]
 
@@ -52,11 +51,11 @@ def _refine(curve: Tensor) -> Tensor:
 
 
 def _values_and_jacobians(embed, nodes: Tensor) -> tuple[Tensor, Tensor]:
-    """``f`` ``(m, D)`` and ``J`` ``(m, D, d)`` at ``nodes`` ``(m, d)`` from one vmapped JVP."""
+    """``f`` ``(m, D)`` and ``J`` ``(m, D, d)`` at ``nodes`` ``(m, d)`` from one Taylor-mode pass."""
     m, d = nodes.shape
     basis = torch.eye(d, dtype=nodes.dtype, device=nodes.device)[:, None, :].expand(d, m, d)
-    values, columns = vmap(lambda t: jvp(embed, (nodes,), (t,)), out_dims=(None, 0))(basis)
-    return values, columns.permute(1, 2, 0)
+    jet = embedding_jet(embed, nodes, basis)
+    return jet.value, jet.first.permute(1, 2, 0)
 
 
 def _energy(embed, curve: Tensor) -> Tensor:

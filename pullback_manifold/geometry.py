@@ -1,9 +1,11 @@
 r"""Pull-back geometry of a map ``embed: (n, d) -> (n, D)``, by forward-mode autodiff.
 
 All functions take a batch of latent points ``z`` of shape ``(n, d)`` and are
-vectorized over it: the map is always called on the whole batch, and
-``torch.func.vmap`` runs only over the ``d`` tangent directions of a JVP, so any
-decoder that accepts a batch works, whatever it does inside.
+vectorized over it: the map is always called on the whole batch, so any decoder
+that accepts a batch works, whatever it does inside. Derivatives come from one
+second-order Taylor-mode pass (:mod:`~pullback_manifold.jets`): closed-form
+layer rules where the decoder is built of known layers, ``torch.func``
+otherwise.
 
 With ``J = d embed / d z`` (``(n, D, d)``):
 
@@ -24,6 +26,7 @@ from torch import Tensor
 from torch.func import jvp, vmap
 
 from .decoders import MetricDecoder
+from .jets import Jet, propagate
 
 # A map whose pull-back is the metric, or a MetricDecoder giving the metric directly.
 Embedding = Callable[[Tensor], Tensor] | MetricDecoder
@@ -52,6 +55,13 @@ def _directional_derivatives(fn: Callable[[Tensor], Tensor], z: Tensor, tangents
     return vmap(lambda t: jvp(fn, (z,), (t,))[1])(tangents)
 
 
+def embedding_jet(embed: Embedding, z: Tensor, directions: Tensor, pair: tuple[int, int] | None = None) -> Jet:
+    """Value ``(n, D)``, derivatives along ``directions`` ``(k, n, d)`` -> ``(k, n, D)``, and, if
+    ``pair = (a, b)``, the second derivative ``d^2 f[directions[a], directions[b]]`` ``(n, D)``."""
+    second = None if pair is None else torch.zeros_like(z)
+    return propagate(embed, Jet(z, directions, second, pair))
+
+
 def jacobian(embed: Embedding, z: Tensor) -> Tensor:
     """Jacobian of the embedding.
 
@@ -66,7 +76,7 @@ def jacobian(embed: Embedding, z: Tensor) -> Tensor:
     """
     if isinstance(embed, MetricDecoder):
         raise TypeError(f"{type(embed).__name__} gives its metric directly and has no single Jacobian")
-    return _directional_derivatives(embed, z, _basis(z)).permute(1, 2, 0)
+    return embedding_jet(embed, z, _basis(z)).first.permute(1, 2, 0)
 
 
 def _regularize(G: Tensor, regularization: float) -> Tensor:
@@ -172,7 +182,8 @@ def second_derivative(embed: Embedding, z: Tensor, v: Tensor) -> tuple[Tensor, T
     -------
     first, second : Tensor, shape=[n, D]
     """
-    return jvp(lambda x: jvp(embed, (x,), (v,))[1], (z,), (v,))
+    jet = embedding_jet(embed, z, v[None], pair=(0, 0))
+    return jet.first[0], jet.second
 
 
 def geodesic_acceleration(embed: Embedding, z: Tensor, v: Tensor, regularization: float = 0.0) -> Tensor:
@@ -196,11 +207,10 @@ def geodesic_acceleration(embed: Embedding, z: Tensor, v: Tensor, regularization
     if isinstance(embed, MetricDecoder):
         return _metric_field_acceleration(embed, z, v, regularization)
     n, d = z.shape
-    # One vmapped nested JVP gives both J (outer tangents e_i) and d2f[v, v] (outer tangent v).
-    tangents = torch.cat([_basis(z), v[None]], dim=0)
-    _, (columns, second) = vmap(lambda t: jvp(lambda x: jvp(embed, (x,), (v,)), (z,), (t,)))(tangents)
-    J = columns[:d].permute(1, 2, 0)
-    h = second[d]
+    # One Taylor-mode pass gives both J (directions e_i) and d2f[v, v].
+    jet = embedding_jet(embed, z, torch.cat([_basis(z), v[None]], dim=0), pair=(d, d))
+    J = jet.first[:d].permute(1, 2, 0)
+    h = jet.second
     G = _regularize(J.transpose(-1, -2) @ J, regularization)
     return -_solve_spd(G, (J.transpose(-1, -2) @ h.unsqueeze(-1)).squeeze(-1))
 
@@ -231,11 +241,10 @@ def connection(embed: Embedding, z: Tensor, v: Tensor, w: Tensor, regularization
         gradient = torch.einsum("ni,knij,nj->nk", v, dGs[:d], w)  # d_k (v^T G w)
         koszul = (dGs[d] @ w.unsqueeze(-1) + dGs[d + 1] @ v.unsqueeze(-1)).squeeze(-1) - gradient
         return _solve_spd(_regularize(G, regularization), 0.5 * koszul)
-    tangents = torch.cat([_basis(z), v[None]], dim=0)
-    _, (columns, second) = vmap(lambda t: jvp(lambda x: jvp(embed, (x,), (w,)), (z,), (t,)))(tangents)
-    J = columns[:d].permute(1, 2, 0)
+    jet = embedding_jet(embed, z, torch.cat([_basis(z), v[None], w[None]], dim=0), pair=(d, d + 1))
+    J = jet.first[:d].permute(1, 2, 0)
     G = _regularize(J.transpose(-1, -2) @ J, regularization)
-    return _solve_spd(G, (J.transpose(-1, -2) @ second[d].unsqueeze(-1)).squeeze(-1))
+    return _solve_spd(G, (J.transpose(-1, -2) @ jet.second.unsqueeze(-1)).squeeze(-1))
 
 
 def _metric_field_acceleration(field: MetricDecoder, z: Tensor, v: Tensor, regularization: float) -> Tensor:

@@ -31,12 +31,10 @@ import time
 import torch
 from torch import Tensor
 
-from torch.func import jvp
-
 from .decoders import MetricDecoder
 from .discrete import energy_log
 from .geodesics import LogResult, ODEOptions, shooting_log
-from .geometry import Embedding, jacobian
+from .geometry import Embedding, _basis, embedding_jet
 
 __all__ = ["METHODS", "log_map", "piecewise_linear_pairs"]
 
@@ -63,15 +61,15 @@ def piecewise_linear_pairs(embed: Embedding, point: Tensor, base_point: Tensor) 
     -------
     flags : Tensor, shape=[n], bool
     """
-    n = len(point)
+    n, d = point.shape
     if isinstance(embed, MetricDecoder) or n == 0:
         return torch.zeros(n, dtype=torch.bool, device=point.device)
     u = point - base_point
     z = torch.cat([base_point, 0.5 * (base_point + point), point])
-    uu = u.repeat(3, 1)
-    second = jvp(lambda x: jvp(embed, (x,), (uu,))[1], (z,), (uu,))[1].reshape(3, n, -1)
-    flat = (second == 0).all(-1).all(0)
-    J = jacobian(embed, z).reshape(3, n, -1)
+    directions = torch.cat([_basis(z), u.repeat(3, 1)[None]])
+    jet = embedding_jet(embed, z, directions, pair=(d, d))
+    flat = (jet.second.reshape(3, n, -1) == 0).all(-1).all(0)
+    J = jet.first[:d].permute(1, 2, 0).reshape(3, n, -1)
     varies = ((J - J[:1]).abs() > 1e-6 * J.abs().amax(-1, keepdim=True).clamp_min(1e-300)).any(-1).any(0)
     return flat & varies
 

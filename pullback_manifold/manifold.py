@@ -242,9 +242,9 @@ class DecoderPullbackMetric(RiemannianMetric):
 
     @property
     def _embed(self):
-        """What the geometry functions differentiate: the decoder's map, or the decoder itself
-        when it gives its metric directly (:class:`MetricDecoder`)."""
-        return self.decoder if isinstance(self.decoder, MetricDecoder) else self.decoder.embed
+        """What the geometry functions differentiate: the decoder (callable as its embedding,
+        with Taylor-mode derivatives; a :class:`MetricDecoder` gives its metric directly)."""
+        return self.decoder
 
     def _prepare(self, _points: str, _detach: bool = False, **arrays) -> tuple[list[Tensor], tuple[int, ...]]:
         """Check and broadcast named inputs of shape ``(..., d)``; flatten them to ``(n, d)``.

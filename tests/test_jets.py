@@ -1,0 +1,156 @@
+"""Taylor-mode layer rules against torch.func's nested JVPs of the same decoder."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pullback_manifold import EnsembleDecoder, GaussianDecoder, PullbackManifold
+from pullback_manifold.decoders import as_decoder
+from pullback_manifold.geometry import _basis, embedding_jet, geodesic_acceleration
+from pullback_manifold.jets import Jet, generic
+
+F64 = torch.float64
+
+
+class Reshape(nn.Module):
+    """A custom module: no closed-form rule, so the jet falls back to torch.func."""
+
+    def __init__(self, *shape):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], *self.shape)
+
+
+def _mlp(activation: nn.Module, d: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(d, 16), activation, nn.Linear(16, 16), nn.Dropout(0.3), activation, nn.Linear(16, 7))
+
+
+ACTIVATIONS = [
+    nn.Tanh(),
+    nn.Sigmoid(),
+    nn.Softplus(),
+    nn.Softplus(beta=2.0, threshold=1.0),  # exercises the linear branch
+    nn.ReLU(),
+    nn.LeakyReLU(0.1),
+    nn.ELU(0.7),
+    nn.SiLU(),
+    nn.GELU(),
+    nn.GELU(approximate="tanh"),  # no closed-form rule: generic
+    nn.Mish(),  # unknown: generic
+]
+
+
+def _conv_decoder(d: int = 3) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(d, 2 * 4 * 4),
+        nn.Unflatten(1, (2, 4, 4)),
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.Softplus(),
+        nn.ConvTranspose2d(3, 2, 2, stride=2),  # generic for this layer only
+        nn.Flatten(),
+        Reshape(2, 64),
+        nn.Tanh(),
+    )
+
+
+def _randomize_batch_norm(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return module
+
+
+def _generic_jet(decoder, z, directions, pair):
+    second = None if pair is None else torch.zeros_like(z)
+    return generic(decoder.embed, Jet(z, directions, second, pair))
+
+
+def _check(decoder, d=3, n=6, pair=(3, 4)):
+    torch.manual_seed(1)
+    z = torch.randn(n, d, dtype=F64)
+    directions = torch.cat([_basis(z), torch.randn(2, n, d, dtype=F64)])
+    decoder.prepare(F64, z.device)
+    fast = embedding_jet(decoder, z, directions, pair)
+    slow = _generic_jet(decoder, z, directions, pair)
+    for a, b in [(fast.value, slow.value), (fast.first, slow.first)] + (
+        [] if pair is None else [(fast.second, slow.second)]
+    ):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda m: repr(m))
+def test_mlp_jet_matches_nested_jvp(activation):
+    torch.manual_seed(0)
+    _check(as_decoder(_mlp(activation)))
+
+
+def test_conv_batchnorm_reshape_jet_matches_nested_jvp():
+    torch.manual_seed(0)
+    _check(as_decoder(_randomize_batch_norm(_conv_decoder())))
+
+
+def test_first_order_only_jet():
+    torch.manual_seed(0)
+    _check(as_decoder(_mlp(nn.Tanh())), pair=None)
+
+
+def test_same_direction_pair_and_float32_model_at_float64_points():
+    torch.manual_seed(0)
+    net = _mlp(nn.Softplus()).float()  # float32 parameters, cast for float64 points
+    _check(as_decoder(net), pair=(4, 4))
+
+
+def test_gaussian_and_ensemble_decoders():
+    torch.manual_seed(0)
+    mean, std = _mlp(nn.Tanh()), nn.Sequential(_mlp(nn.ELU()), nn.Softplus())
+    gaussian = GaussianDecoder(mean, std)
+    _check(gaussian)
+    _check(EnsembleDecoder([gaussian, _mlp(nn.SiLU())]))
+
+
+def test_plain_callable_uses_generic_rule():
+    _check(as_decoder(lambda z: torch.sin(z) * z.sum(-1, keepdim=True)))
+
+
+def test_batch_norm_without_running_stats_is_not_treated_as_row_wise():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Tanh())
+    # Batch statistics couple the rows; the generic rule differentiates that coupling.
+    _check(as_decoder(net))
+
+
+def test_acceleration_independent_of_the_rule():
+    """The ODE right-hand side agrees with the generic nested-JVP formula on a training-mode module."""
+    torch.manual_seed(0)
+    net = _mlp(nn.Tanh(), d=2)
+    net.train()  # geometry must still evaluate it in eval mode (dropout off)
+    space = PullbackManifold(net, dim=2)
+    z, v = torch.randn(5, 2, dtype=F64), torch.randn(5, 2, dtype=F64)
+    fast = space.metric.geodesic_acceleration(z, v)
+    reference = copy.deepcopy(net).double().eval()
+    slow = geodesic_acceleration(lambda x: reference(x), z, v)  # a plain callable: torch.func's rule
+    torch.testing.assert_close(fast, slow, rtol=1e-11, atol=1e-12)
+
+
+def test_known_layers_never_reach_torch_func(monkeypatch):
+    """The closed-form rules are what runs (the comparisons above would pass with the fallback)."""
+
+    def refuse(fn, jet):
+        raise AssertionError(f"generic rule used for {fn}")
+
+    monkeypatch.setattr("pullback_manifold.jets.generic", refuse)
+    monkeypatch.setattr("pullback_manifold.decoders.generic", refuse)
+    torch.manual_seed(0)
+    members = [GaussianDecoder(_mlp(act), nn.Sequential(_mlp(nn.ELU()), nn.Softplus())) for act in ACTIVATIONS[:-2]]
+    z = torch.randn(4, 3, dtype=F64)
+    jet = embedding_jet(EnsembleDecoder(members), z, torch.cat([_basis(z), z[None]]), pair=(3, 3))
+    assert jet.second.shape == (4, 2 * 7 * len(members))
