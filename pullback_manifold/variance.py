@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .jets import Jet
+
 __all__ = ["RBFPrecision", "fit_rbf_precision"]
 
 
@@ -131,6 +133,33 @@ class RBFPrecision(nn.Module):
         sigma : Tensor, shape=[..., D]
         """
         return torch.rsqrt(self.precision(z))
+
+    def jet_rule(self, jet: Jet, state: dict[str, Tensor]) -> Jet:
+        """Closed-form Taylor-mode derivatives (see :mod:`~pullback_manifold.jets`).
+
+        With ``q_k = ||z - c_k||^2``: ``dq[t] = 2 (z - c_k) . t``,
+        ``d^2 q[t, u] = 2 t . u``; then ``phi = exp(-lambda q)``, ``beta = phi W + zeta``
+        (linear) and ``sigma = beta^{-1/2}`` (elementwise).
+        """
+        centers, bandwidths, weights = state["centers"], state["bandwidths"], state["weights"]
+        z, first = jet.value, jet.first
+        offset = z.unsqueeze(-2) - centers  # (n, K, d)
+        phi = torch.exp(-bandwidths * offset.pow(2).sum(-1))  # (n, K)
+        dq = 2 * torch.einsum("nkd,jnd->jnk", offset, first)  # (k, n, K)
+        first_phi = -bandwidths * phi * dq
+        second = None
+        if jet.second is not None:
+            a, b = jet.pair
+            d2q = 2 * (first[a] * first[b]).sum(-1, keepdim=True) + 2 * torch.einsum("nkd,nd->nk", offset, jet.second)
+            second_phi = phi * (bandwidths.pow(2) * dq[a] * dq[b] - bandwidths * d2q)
+        beta = phi @ weights + self.zeta
+        sigma = torch.rsqrt(beta)
+        s1 = -0.5 * sigma / beta  # d beta^{-1/2} / d beta
+        first_beta = first_phi @ weights
+        if jet.second is not None:
+            second_beta = second_phi @ weights
+            second = s1 * second_beta + (-1.5 * s1 / beta) * first_beta[a] * first_beta[b]
+        return jet.replace(sigma, s1 * first_beta, second)
 
 
 def _as_numpy(x, name: str) -> np.ndarray:

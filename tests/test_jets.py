@@ -141,16 +141,27 @@ def test_acceleration_independent_of_the_rule():
     torch.testing.assert_close(fast, slow, rtol=1e-11, atol=1e-12)
 
 
+def _refuse(fn, jet):
+    raise AssertionError(f"generic rule used for {fn}")
+
+
 def test_known_layers_never_reach_torch_func(monkeypatch):
     """The closed-form rules are what runs (the comparisons above would pass with the fallback)."""
 
-    def refuse(fn, jet):
-        raise AssertionError(f"generic rule used for {fn}")
-
-    monkeypatch.setattr("pullback_manifold.jets.generic", refuse)
-    monkeypatch.setattr("pullback_manifold.decoders.generic", refuse)
+    monkeypatch.setattr("pullback_manifold.jets.generic", _refuse)
+    monkeypatch.setattr("pullback_manifold.decoders.generic", _refuse)
     torch.manual_seed(0)
     members = [GaussianDecoder(_mlp(act), nn.Sequential(_mlp(nn.ELU()), nn.Softplus())) for act in ACTIVATIONS[:-2]]
     z = torch.randn(4, 3, dtype=F64)
     jet = embedding_jet(EnsembleDecoder(members), z, torch.cat([_basis(z), z[None]]), pair=(3, 3))
     assert jet.second.shape == (4, 2 * 7 * len(members))
+
+
+def test_rbf_precision_rule_matches_nested_jvp(monkeypatch):
+    from pullback_manifold import RBFPrecision
+
+    monkeypatch.setattr("pullback_manifold.jets.generic", _refuse)  # its own rule runs
+    torch.manual_seed(0)
+    std = RBFPrecision(torch.randn(5, 3), torch.rand(5) + 0.5, torch.rand(5, 7) * 10, zeta=0.3)
+    _check(GaussianDecoder(_mlp(nn.Tanh()), std))
+    _check(GaussianDecoder(_mlp(nn.Tanh()), std), pair=(4, 4))
