@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import DecoderError
-from .jets import Jet, generic, module_jet
+from .jets import Jet, generic, module_jet, sequential_gram, stacked_gram, wide_output_layer
 
 __all__ = [
     "Decoder",
@@ -64,6 +64,7 @@ class _TorchFunction:
         self.fn = fn
         self.name = name
         self._cache: dict = {}
+        self._weight_gram: dict = {}  # W^T W of a widening output layer, per cast weight
 
     def _state(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         cached = self._cache.get((dtype, device))
@@ -98,6 +99,21 @@ class _TorchFunction:
             with _eval_mode(self.fn):
                 return module_jet(self.fn, state, jet)
         return generic(self.fn, jet)
+
+    def gram(self, jet: Jet) -> Tensor:
+        """:func:`~pullback_manifold.jets.stacked_gram` of the output jet, ``(n, m, m)``."""
+        last = wide_output_layer(self.fn) if isinstance(self.fn, nn.Module) else None
+        if last is None:
+            return stacked_gram(self.jet(jet))
+        state = self._state(jet.value.dtype, jet.value.device)
+        weight = state[f"{last[1]}.weight"]
+        cached = self._weight_gram.get((weight.dtype, weight.device))
+        if cached is None or cached[0] is not weight:
+            cached = (weight, weight.T @ weight)
+            if torch._C._functorch.peek_interpreter_stack() is None:  # see _state
+                self._weight_gram[(weight.dtype, weight.device)] = cached
+        with _eval_mode(self.fn):
+            return sequential_gram(self.fn, state, jet, last, cached[1])
 
     def __call__(self, z: Tensor) -> Tensor:
         if isinstance(self.fn, nn.Module):
@@ -163,6 +179,16 @@ class Decoder(abc.ABC):
         """
         return generic(self._embed, jet)
 
+    def gram(self, jet: Jet) -> Tensor:
+        """Inner products of the embedding's derivatives in the jet, ``(n, m, m)``.
+
+        Of ``[d embed[t_1], ..., d embed[t_k], d^2 embed[t_a, t_b]]`` (``m = k + 1``;
+        ``m = k`` without a second derivative): the metric and the geodesic
+        equation need nothing else, and a wide output layer need not be evaluated
+        to get them (:func:`~pullback_manifold.jets.sequential_gram`).
+        """
+        return stacked_gram(self.jet(jet))
+
 
 def _flatten_output(out, z: Tensor, name: str) -> Tensor:
     """Check a raw decoder output against its input and flatten it to ``(n, D)``."""
@@ -227,6 +253,9 @@ class DeterministicDecoder(Decoder):
     def jet(self, jet: Jet) -> Jet:
         return _flatten_jet(self._f.jet(jet), jet.value, "decoder")
 
+    def gram(self, jet: Jet) -> Tensor:
+        return self._f.gram(jet)
+
 
 class GaussianDecoder(Decoder):
     r"""A Gaussian decoder ``x = mu(z) + sigma(z) * eps``, ``eps ~ N(0, I)``.
@@ -282,6 +311,11 @@ class GaussianDecoder(Decoder):
             self.mean_and_std(jet.value)  # raises the shape error
         return _concatenate([mu, sigma], 1.0)
 
+    def gram(self, jet: Jet) -> Tensor:
+        if self._std is None:
+            return stacked_gram(self.jet(jet))
+        return self._mean.gram(jet) + self._std.gram(jet)
+
 
 class EnsembleDecoder(Decoder):
     r"""An ensemble of decoders; the metric is :math:`\frac1M \sum_m J_m^T J_m`.
@@ -308,6 +342,9 @@ class EnsembleDecoder(Decoder):
 
     def jet(self, jet: Jet) -> Jet:
         return _concatenate([m.jet(jet) for m in self.members], self._scale)
+
+    def gram(self, jet: Jet) -> Tensor:
+        return sum(m.gram(jet) for m in self.members) * self._scale**2
 
 
 class MetricDecoder(Decoder):

@@ -26,12 +26,14 @@ from torch import Tensor
 from torch.func import jvp, vmap
 
 from .decoders import MetricDecoder
-from .jets import Jet, propagate
+from .jets import Jet, propagate, stacked_gram
 
 # A map whose pull-back is the metric, or a MetricDecoder giving the metric directly.
 Embedding = Callable[[Tensor], Tensor] | MetricDecoder
 
 __all__ = [
+    "embedding_jet",
+    "embedding_gram",
     "jacobian",
     "metric_matrix",
     "metric_derivative",
@@ -60,6 +62,15 @@ def embedding_jet(embed: Embedding, z: Tensor, directions: Tensor, pair: tuple[i
     ``pair = (a, b)``, the second derivative ``d^2 f[directions[a], directions[b]]`` ``(n, D)``."""
     second = None if pair is None else torch.zeros_like(z)
     return propagate(embed, Jet(z, directions, second, pair))
+
+
+def embedding_gram(embed: Embedding, z: Tensor, directions: Tensor, pair: tuple[int, int] | None = None) -> Tensor:
+    """Inner products ``(n, m, m)`` of the derivatives in :func:`embedding_jet`, stacked
+    ``[df[t_1], ..., df[t_k], d^2 f[t_a, t_b]]`` (``m = k + 1``, or ``k`` without ``pair``)."""
+    second = None if pair is None else torch.zeros_like(z)
+    jet = Jet(z, directions, second, pair)
+    gram = getattr(embed, "gram", None)
+    return gram(jet) if callable(gram) else stacked_gram(propagate(embed, jet))
 
 
 def jacobian(embed: Embedding, z: Tensor) -> Tensor:
@@ -101,8 +112,7 @@ def metric_matrix(embed: Embedding, z: Tensor, regularization: float = 0.0) -> T
     """
     if isinstance(embed, MetricDecoder):
         return _regularize(embed.metric(z), regularization)
-    J = jacobian(embed, z)
-    return _regularize(J.transpose(-1, -2) @ J, regularization)
+    return _regularize(embedding_gram(embed, z, _basis(z)), regularization)
 
 
 def metric_derivative(embed: Embedding, z: Tensor) -> Tensor:
@@ -207,12 +217,10 @@ def geodesic_acceleration(embed: Embedding, z: Tensor, v: Tensor, regularization
     if isinstance(embed, MetricDecoder):
         return _metric_field_acceleration(embed, z, v, regularization)
     n, d = z.shape
-    # One Taylor-mode pass gives both J (directions e_i) and d2f[v, v].
-    jet = embedding_jet(embed, z, torch.cat([_basis(z), v[None]], dim=0), pair=(d, d))
-    J = jet.first[:d].permute(1, 2, 0)
-    h = jet.second
-    G = _regularize(J.transpose(-1, -2) @ J, regularization)
-    return -_solve_spd(G, (J.transpose(-1, -2) @ h.unsqueeze(-1)).squeeze(-1))
+    # One Taylor-mode pass: G = <df[e_i], df[e_j]> and J^T d2f[v, v] = <df[e_i], d2f[v, v]>.
+    gram = embedding_gram(embed, z, torch.cat([_basis(z), v[None]], dim=0), pair=(d, d))
+    G = _regularize(gram[:, :d, :d], regularization)
+    return -_solve_spd(G, gram[:, :d, d + 1])
 
 
 def connection(embed: Embedding, z: Tensor, v: Tensor, w: Tensor, regularization: float = 0.0) -> Tensor:
@@ -241,10 +249,9 @@ def connection(embed: Embedding, z: Tensor, v: Tensor, w: Tensor, regularization
         gradient = torch.einsum("ni,knij,nj->nk", v, dGs[:d], w)  # d_k (v^T G w)
         koszul = (dGs[d] @ w.unsqueeze(-1) + dGs[d + 1] @ v.unsqueeze(-1)).squeeze(-1) - gradient
         return _solve_spd(_regularize(G, regularization), 0.5 * koszul)
-    jet = embedding_jet(embed, z, torch.cat([_basis(z), v[None], w[None]], dim=0), pair=(d, d + 1))
-    J = jet.first[:d].permute(1, 2, 0)
-    G = _regularize(J.transpose(-1, -2) @ J, regularization)
-    return _solve_spd(G, (J.transpose(-1, -2) @ jet.second.unsqueeze(-1)).squeeze(-1))
+    gram = embedding_gram(embed, z, torch.cat([_basis(z), v[None], w[None]], dim=0), pair=(d, d + 1))
+    G = _regularize(gram[:, :d, :d], regularization)
+    return _solve_spd(G, gram[:, :d, d + 2])
 
 
 def _metric_field_acceleration(field: MetricDecoder, z: Tensor, v: Tensor, regularization: float) -> Tensor:

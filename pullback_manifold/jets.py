@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-__all__ = ["Jet", "propagate", "module_jet"]
+__all__ = ["Jet", "propagate", "module_jet", "stacked_gram", "sequential_gram"]
 
 
 @dataclass(frozen=True)
@@ -267,3 +267,51 @@ def propagate(fn, jet: Jet) -> Jet:
         state.update(fn.named_buffers())
         return module_jet(fn, state, jet)
     return generic(fn, jet)
+
+
+# ------------------------------------------------------------------ inner products
+def stacked_gram(jet: Jet) -> Tensor:
+    """Inner products of ``[first_1, ..., first_k, second]`` per row: ``(n, m, m)``, ``m = k + 1``
+    (``k`` without a second derivative). All the metric needs: ``G`` and ``J^T d^2 f``."""
+    vectors = jet.first if jet.second is None else torch.cat([jet.first, jet.second[None]])
+    m, n = vectors.shape[:2]
+    vectors = vectors.reshape(m, n, math.prod(vectors.shape[2:])).transpose(0, 1)  # (n, m, D); explicit D for n = 0
+    return vectors @ vectors.transpose(-1, -2)
+
+
+# Layers after the last Linear that leave inner products unchanged.
+_ISOMETRIC_TAIL = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.AlphaDropout)
+
+
+def wide_output_layer(module: nn.Module) -> tuple[int, str] | None:
+    """``(index, name)`` of a Sequential's final ``nn.Linear`` when it widens (``out > in``)
+    and only reshapes follow it; else None. Its inner products are cheaper in its input space."""
+    if type(module) is not nn.Sequential:
+        return None
+    children = list(module._modules.items())
+    for index in range(len(children) - 1, -1, -1):
+        name, child = children[index]
+        if type(child) is nn.Linear:
+            return (index, name) if child.out_features > child.in_features else None
+        if type(child) not in _ISOMETRIC_TAIL:
+            return None
+    return None
+
+
+def sequential_gram(
+    module: nn.Sequential, state: dict[str, Tensor], jet: Jet, last: tuple[int, str], weight_gram: Tensor
+) -> Tensor:
+    """:func:`stacked_gram` of a Sequential whose output layer ``W x + b`` widens:
+    ``<W p, W q> = p^T (W^T W) q``, so the jet stops before ``W`` (for a decoder to
+    images, the output layer is most of the cost)."""
+    index, _ = last
+    for position, (name, child) in enumerate(module._modules.items()):
+        if position == index:
+            break
+        jet = module_jet(child, state, jet, f"{name}.")
+    vectors = jet.first if jet.second is None else torch.cat([jet.first, jet.second[None]])
+    vectors = vectors.transpose(0, 1)  # (n, m, ..., H)
+    if vectors.dim() == 3:
+        return vectors @ weight_gram @ vectors.transpose(-1, -2)
+    vectors = vectors.reshape(*vectors.shape[:2], -1, vectors.shape[-1])  # Linear on the last axis of (C, H)
+    return torch.einsum("nach,hg,nbcg->nab", vectors, weight_gram, vectors)

@@ -165,3 +165,24 @@ def test_rbf_precision_rule_matches_nested_jvp(monkeypatch):
     std = RBFPrecision(torch.randn(5, 3), torch.rand(5) + 0.5, torch.rand(5, 7) * 10, zeta=0.3)
     _check(GaussianDecoder(_mlp(nn.Tanh()), std))
     _check(GaussianDecoder(_mlp(nn.Tanh()), std), pair=(4, 4))
+
+
+@pytest.mark.parametrize(
+    "tail", [(), (nn.Unflatten(1, (7, 4)), nn.Dropout(0.1)), (nn.Unflatten(1, (7, 4)), nn.Linear(4, 9))],
+    ids=["linear", "linear+reshape", "linear on a 3-D tensor"],
+)
+def test_wide_output_layer_gram(tail):
+    """Inner products through W^T W equal those of the decoded derivatives."""
+    from pullback_manifold.geometry import embedding_gram
+    from pullback_manifold.jets import stacked_gram
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 28), *tail)
+    decoder = as_decoder(net)
+    z = torch.randn(5, 3, dtype=F64)
+    directions = torch.cat([_basis(z), torch.randn(2, 5, 3, dtype=F64)])
+    decoder.prepare(F64, z.device)
+    for pair in [None, (3, 4)]:
+        fast = embedding_gram(decoder, z, directions, pair)
+        slow = stacked_gram(_generic_jet(decoder, z, directions, pair))
+        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12 * slow.abs().max().item())
