@@ -63,17 +63,17 @@ def _rotate(z, angle):
     return torch.stack([c * z[..., 0] - s * z[..., 1], s * z[..., 0] + c * z[..., 1]], dim=-1)
 
 
-class Unswirled(nn.Module):
-    """``module ∘ h^{-1}``: the decoder of the reparametrized model (an nn.Module, so it is
-    cast to the points' dtype like the original)."""
+class Unswirl(nn.Module):
+    """``h^{-1}`` as a layer: ``nn.Sequential(Unswirl(), decoder)`` is ``decoder ∘ h^{-1}``, the
+    decoder of the reparametrized model. Kept a Sequential so the geometry still uses the
+    closed-form derivatives of the decoder's own layers (``pullback_manifold.jets``)."""
 
-    def __init__(self, module: nn.Module, alpha: float = ALPHA):
+    def __init__(self, alpha: float = ALPHA):
         super().__init__()
-        self.module = module
         self.alpha = alpha
 
     def forward(self, w):
-        return self.module(unswirl(w, self.alpha))
+        return unswirl(w, self.alpha)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -147,7 +147,7 @@ def main(out: pathlib.Path, quick: bool) -> None:
 
     # The same model twice: codes z with decoder (mu, sigma), codes w = h(z) with (mu, sigma) o h^-1.
     space_z = PullbackManifold(vae.decoder, dim=2)
-    space_w = PullbackManifold(GaussianDecoder(Unswirled(vae.mean_decoder), Unswirled(vae.std)), dim=2)
+    space_w = PullbackManifold(GaussianDecoder(nn.Sequential(Unswirl(), vae.mean_decoder), nn.Sequential(Unswirl(), vae.std)), dim=2)
     codes, labels = vae.codes, vae.labels
     codes_w = swirl(codes)
     with torch.no_grad():
