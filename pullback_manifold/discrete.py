@@ -58,6 +58,22 @@ def _values_and_jacobians(embed, nodes: Tensor) -> tuple[Tensor, Tensor]:
     return jet.value, jet.first.permute(1, 2, 0)
 
 
+def _curvature_blocks(embed, nodes: Tensor, weights: Tensor) -> Tensor:
+    """``C[i] = sum_D weights[i, D] d^2 f_D(nodes[i])`` ``(m, d, d)``: the second-order part of
+    the energy's Hessian, which Gauss-Newton leaves out. One jet pass with a pair of
+    coordinate directions per row, for each of the ``d (d + 1) / 2`` pairs."""
+    m, d = nodes.shape
+    a, b = torch.triu_indices(d, d, device=nodes.device)
+    eye = torch.eye(d, dtype=nodes.dtype, device=nodes.device)
+    directions = torch.stack([eye[a].repeat_interleave(m, 0), eye[b].repeat_interleave(m, 0)])
+    jet = embedding_jet(embed, nodes.repeat(len(a), 1), directions, pair=(0, 1))
+    values = (jet.second.reshape(len(a), m, -1) * weights).sum(-1)  # (pairs, m)
+    blocks = nodes.new_zeros(m, d, d)
+    blocks[:, a, b] = values.T
+    blocks[:, b, a] = values.T
+    return blocks
+
+
 def _energy(embed, curve: Tensor) -> Tensor:
     n, k, d = curve.shape
     decoded = embed(curve.reshape(-1, d)).reshape(n, k, -1)
@@ -66,7 +82,13 @@ def _energy(embed, curve: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Tensor, Tensor]:
-    """Levenberg-Marquardt on the polygon energy; returns ``(curve, converged (n,))``.
+    """Damped Newton (Levenberg-Marquardt) on the polygon energy; returns ``(curve, converged (n,))``.
+
+    The Hessian is the Gauss-Newton part ``N J^T J`` plus the decoder's second
+    derivatives weighted by the residuals (:func:`_curvature_blocks`). Gauss-Newton
+    alone converges only linearly here, and slowly where the decoded surface bends
+    strongly (a sigma wall of an expected metric): hundreds of iterations. A damped
+    matrix that is not positive definite counts as a rejected step.
 
     Converged: an accepted step moved no interior node by more than
     ``xtol * (1 + max|node|)``.
@@ -98,7 +120,9 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
         inner = Jt[:, 1:-1]  # interior nodes
         gradient = N * (inner @ (segments[:, :-1] - segments[:, 1:]).unsqueeze(-1)).squeeze(-1)  # (na, m, d)
         H = torch.zeros(na, m, m, d, d, dtype=c.dtype, device=c.device)
-        H[:, idx_m, idx_m] = 2 * N * (inner @ J[:, 1:-1])
+        weights = N * (segments[:, :-1] - segments[:, 1:])  # gradient at interior node i = J_i^T weights_i
+        curvature = _curvature_blocks(embed, c[:, 1:-1].reshape(-1, d), weights.reshape(na * m, -1))
+        H[:, idx_m, idx_m] = 2 * N * (inner @ J[:, 1:-1]) + curvature.reshape(na, m, d, d)
         if m > 1:
             coupling = -N * (inner[:, :-1] @ J[:, 2:-1])  # between interior nodes k and k + 1
             H[:, idx_m[:-1], idx_m[1:]] = coupling
@@ -114,12 +138,14 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
             if len(todo) == 0:
                 break
             A = H[todo] + (lam[todo] * mean_diag[todo])[:, None, None] * torch.eye(m * d, dtype=c.dtype, device=c.device)
-            step = -torch.linalg.solve(A, g[todo].unsqueeze(-1)).squeeze(-1).reshape(len(todo), m, d)
+            L, info = torch.linalg.cholesky_ex(A)
+            step = -torch.cholesky_solve(g[todo].unsqueeze(-1), L).squeeze(-1).reshape(len(todo), m, d)
+            step = torch.where((info == 0)[:, None, None], step, torch.zeros_like(step))
             trial = c[todo].clone()
             trial[:, 1:-1] += step
             e_trial = _energy(embed, trial)
             e_now = energy[active[todo]]
-            ok = torch.isfinite(e_trial) & (e_trial <= e_now)
+            ok = (info == 0) & torch.isfinite(e_trial) & (e_trial <= e_now)
             rows = active[todo[ok]]
             curve[rows] = trial[ok]
             energy[rows] = e_trial[ok]
