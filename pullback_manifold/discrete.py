@@ -293,6 +293,7 @@ def energy_log(
     rtol: float | None = None,
     max_iter: int = 50,
     smooth: bool = True,
+    max_refinements: int | None = None,
 ):
     """Logarithm map from discrete geodesics, with a discretization-error estimate.
 
@@ -308,8 +309,14 @@ def energy_log(
     n_segments : int
         Segments of the coarsest polygon.
     n_refinements : int, optional
-        Doublings (>= 1, for the error estimate). Default 2, or 3 when not
-        ``smooth``.
+        Doublings for every pair (>= 1, for the error estimate). Default 2, or 3
+        when not ``smooth``.
+    max_refinements : int, optional
+        Pairs whose error estimate is still above ``rtol`` after
+        ``n_refinements`` are refined further, alone, up to this many doublings
+        in all (smooth decoders only). Default ``n_refinements + 3`` (512
+        segments from the default 16): a geodesic bending sharply around a
+        sigma wall needs a much finer polygon than most.
     rtol : float, optional
         Convergence threshold on the estimated relative length error.
         Default ``1e-5`` (float64) or ``1e-4`` (float32); ``1e-3`` when not
@@ -331,7 +338,8 @@ def energy_log(
         ``converged`` also requires the optimizer to have converged at every
         level; ``n_iterations`` counts levels.
     curve : Tensor, shape=[n, n_segments * 2**n_refinements + 1, d]
-        The finest polygon.
+        The finest polygon (pairs refined fewer times: their polygon with
+        midpoints inserted).
     length : Tensor, shape=[n]
         Extrapolated length.
     """
@@ -341,15 +349,37 @@ def energy_log(
         raise ValueError(f"n_refinements must be >= 1 (the error estimate needs two levels), got {n_refinements}")
     if rtol is None:
         rtol = (1e-5 if point.dtype == torch.float64 else 1e-4) if smooth else 1e-3
+    if max_refinements is None:
+        max_refinements = n_refinements + 3 if smooth else n_refinements
     curve, ok = discrete_geodesic(embed, point, base_point, n_segments, max_iter, smooth=smooth)
-    lengths = [curve_length(embed, curve)]
+    lengths, oks = [curve_length(embed, curve)], [ok]
     for _ in range(n_refinements):
-        curve, ok_level = discrete_geodesic(
+        curve, ok = discrete_geodesic(
             embed, point, base_point, max_iter=max_iter, initial_curve=_refine(curve), smooth=smooth
         )
-        ok = ok & ok_level
         lengths.append(curve_length(embed, curve))
+        oks.append(ok)
     length, error = _extrapolate(lengths, smooth)
+    # The estimate is trusted when the optimizer converged at the levels it compares.
+    ok = torch.stack(oks[-3:]).all(0)
+    n_levels = torch.full((len(point),), n_refinements + 1, dtype=torch.long, device=point.device)
+    for _ in range(max_refinements - n_refinements):
+        todo = (torch.isfinite(length) & ~(ok & (error <= rtol))).nonzero().squeeze(-1)
+        if len(todo) == 0:
+            break
+        finer, ok_finer = discrete_geodesic(
+            embed, point[todo], base_point[todo], max_iter=max_iter, initial_curve=_refine(curve[todo]), smooth=smooth
+        )
+        # Only the refined pairs get a new level (the others' values are final).
+        lengths = [level.clone() for level in lengths[-2:]] + [lengths[-1].clone()]
+        lengths[-1][todo] = curve_length(embed, finer)
+        oks = [level.clone() for level in oks[-2:]] + [oks[-1].clone()]
+        oks[-1][todo] = ok_finer
+        length[todo], error[todo] = _extrapolate([level[todo] for level in lengths], smooth)
+        ok[todo] = torch.stack([level[todo] for level in oks]).all(0)
+        n_levels[todo] += 1
+        curve = _refine(curve)
+        curve[todo] = finer
     same = (point == base_point).all(-1)
     error = torch.where(same, torch.zeros_like(error), error)
     tangent_vec = torch.where(same[:, None], torch.zeros_like(point), _initial_velocity(embed, curve, length))
@@ -358,7 +388,6 @@ def energy_log(
         # Piecewise-smooth energy: the optimizer can stop in a local minimum that the
         # refinement estimate does not see (measured: 1% off on a one-crease fold).
         converged = torch.zeros_like(converged)
-    n_levels = torch.full((len(point),), n_refinements + 1, dtype=torch.long, device=point.device)
     result = LogResult(
         tangent_vec,
         converged,

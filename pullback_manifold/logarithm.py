@@ -10,10 +10,11 @@ r"""The logarithm map: one entry point, three methods, a report for every pair.
     first derivatives only, so it is the method for decoders whose second
     derivative vanishes (ReLU networks), where the geodesic ODE is degenerate.
 ``method="auto"`` (default)
-    A coarse discrete geodesic gives the first guess (it sees the whole curve,
-    so strongly bending geodesics do not mislead it), Newton shooting polishes
-    it to the end-point tolerance in a few iterations, and a pair shooting
-    cannot finish is answered by the refined energy method, marked
+    A discrete geodesic, refined per pair until its length is certified to
+    ``energy_rtol``, gives the first guess (it sees the whole curve, so
+    strongly bending geodesics do not mislead it); Newton shooting polishes it
+    to the end-point tolerance in a few iterations (at most 8). A pair shooting
+    cannot finish is answered by that discrete geodesic, marked
     ``from_energy``, converged only if its own error estimate says so. With a
     warm start, shooting goes first from it. Pairs along which the decoder is
     piecewise linear (ReLU networks: :func:`piecewise_linear_pairs`) go to the
@@ -145,9 +146,18 @@ def _log_chunk(
         result = None
         todo = torch.arange(len(point), device=point.device)
 
-    # A coarse discrete geodesic's initial velocity: Newton converges from it in a few steps.
-    guess, _, _ = energy_log(embed, point[todo], base_point[todo], n_segments=8, n_refinements=1)
-    polished = shooting_log(embed, point[todo], base_point[todo], guess.tangent_vec, **shooting)
+    # A discrete geodesic sees the whole curve, so strongly bending geodesics do not
+    # mislead it; Newton shooting converges from its initial velocity in a few steps.
+    if method == "shooting":
+        guess, _, _ = energy_log(embed, point[todo], base_point[todo], n_segments=8, n_refinements=1)
+        polish = shooting
+    else:
+        # auto: the discrete geodesic refined until its length is certified (the
+        # answer where shooting cannot follow: geodesics along a sigma wall are
+        # exponentially sensitive to their initial velocity), and few Newton steps.
+        guess, _, _ = energy_log(embed, point[todo], base_point[todo], rtol=energy_rtol)
+        polish = dict(shooting, max_iter=min(shooting["max_iter"], _POLISH_ITERATIONS))
+    polished = shooting_log(embed, point[todo], base_point[todo], guess.tangent_vec, **polish)
     if result is None:
         result = polished
         result.method = method
@@ -156,12 +166,15 @@ def _log_chunk(
         _merge(result, todo, polished, better)
     if method == "shooting" or result.all_converged:
         return result
-
-    todo = (~result.converged).nonzero().squeeze(-1)
-    refined, _, _ = energy_log(embed, point[todo], base_point[todo], rtol=energy_rtol)
-    _merge(result, todo, refined, refined.converged)
-    result.energy_rtol = refined.energy_rtol
+    fallback = ~result.converged[todo] & guess.converged
+    _merge(result, todo, guess, fallback)
+    result.energy_rtol = guess.energy_rtol
     return result
+
+
+# Newton steps of auto's shooting from a certified discrete geodesic: from there it
+# converges in 2-4 steps, or not at all (then the discrete geodesic is the answer).
+_POLISH_ITERATIONS = 8
 
 
 def log_map(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from decoders_zoo import great_circle, inverse_stereographic, linear_decoder, sample_cap, tanh_mlp
-from pullback_manifold import ConvergenceError, ConvergenceWarning, PullbackManifold
+from pullback_manifold import ODEOptions, ConvergenceError, ConvergenceWarning, PullbackManifold
 
 F64 = torch.float64
 
@@ -108,8 +108,9 @@ def test_nonconvergence_is_flagged_and_warned():
     z1 = torch.tensor([[2.0, -1.5], [-2.5, 2.0], [1e-3, 0.0]], dtype=F64)
     report = space.metric.solve_log(z1, z0)
     assert not report.all_converged
-    assert not report.converged[:2].any()
-    assert (report.residual[:2] > report.tol).all()
+    assert not report.converged[0]  # (one step from the discrete geodesic's guess may solve pair 1)
+    failed = ~report.converged
+    assert (report.residual[failed] > report.tol * (1 + z1[failed].abs().amax(-1))).all()
     assert (report.n_iterations <= 2).all()  # one Newton step from each of the two first guesses
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         space.metric.log(z1, z0)
@@ -118,10 +119,11 @@ def test_nonconvergence_is_flagged_and_warned():
 def test_auto_answers_what_shooting_cannot_from_the_energy_method_and_says_so():
     z0 = torch.zeros(3, 2, dtype=F64)
     z1 = torch.tensor([[2.0, -1.5], [-2.5, 2.0], [1e-3, 0.0]], dtype=F64)
-    starved = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, max_iter=1)  # one Newton step: not enough
+    # A step cap no geodesic ODE solve fits in: every shooting solve fails.
+    starved = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, ode_options=ODEOptions(max_num_steps=2))
     report = starved.metric.solve_log(z1, z0)
     assert report.method == "auto" and report.all_converged
-    assert report.from_energy[:2].all() and not report.from_energy[2]
+    assert report.from_energy.all()
     assert (report.residual[:2] <= report.energy_rtol).all()
     reference = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, log_method="shooting").metric.solve_log(z1, z0)
     assert reference.all_converged and not reference.from_energy.any()
@@ -150,5 +152,5 @@ def test_warm_start_from_solution_needs_no_iteration(sphere):
     z0, z1 = sample_cap(8, 1.0, g), sample_cap(8, 1.0, g)
     cold = sphere.metric.solve_log(z1, z0)
     warm = sphere.metric.solve_log(z1, z0, initial_tangent_vec=cold.tangent_vec)
-    assert cold.n_iterations.min() >= 1
+    assert cold.n_iterations.sum() >= 4  # (a pair can converge from the discrete geodesic's guess)
     assert warm.all_converged and (warm.n_iterations == 0).all()
