@@ -74,6 +74,11 @@ def _curvature_blocks(embed, nodes: Tensor, weights: Tensor) -> Tensor:
     return blocks
 
 
+# The second-order term costs d (d + 1) / 2 decoder jets per node: worth it for the
+# small latent spaces where Gauss-Newton crawls along sigma walls; above, Gauss-Newton.
+_NEWTON_MAX_DIM = 4
+
+
 def _energy(embed, curve: Tensor) -> Tensor:
     n, k, d = curve.shape
     decoded = embed(curve.reshape(-1, d)).reshape(n, k, -1)
@@ -84,8 +89,9 @@ def _energy(embed, curve: Tensor) -> Tensor:
 def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Tensor, Tensor]:
     """Damped Newton (Levenberg-Marquardt) on the polygon energy; returns ``(curve, converged (n,))``.
 
-    The Hessian is the Gauss-Newton part ``N J^T J`` plus the decoder's second
-    derivatives weighted by the residuals (:func:`_curvature_blocks`). Gauss-Newton
+    The Hessian is the Gauss-Newton part ``N J^T J`` plus, for ``d <= 4``, the
+    decoder's second derivatives weighted by the residuals (:func:`_curvature_blocks`,
+    ``d (d + 1) / 2`` jets per node, too many above that). Gauss-Newton
     alone converges only linearly here, and slowly where the decoded surface bends
     strongly (a sigma wall of an expected metric): hundreds of iterations. A damped
     matrix that is not positive definite counts as a rejected step.
@@ -120,9 +126,11 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
         inner = Jt[:, 1:-1]  # interior nodes
         gradient = N * (inner @ (segments[:, :-1] - segments[:, 1:]).unsqueeze(-1)).squeeze(-1)  # (na, m, d)
         H = torch.zeros(na, m, m, d, d, dtype=c.dtype, device=c.device)
-        weights = N * (segments[:, :-1] - segments[:, 1:])  # gradient at interior node i = J_i^T weights_i
-        curvature = _curvature_blocks(embed, c[:, 1:-1].reshape(-1, d), weights.reshape(na * m, -1))
-        H[:, idx_m, idx_m] = 2 * N * (inner @ J[:, 1:-1]) + curvature.reshape(na, m, d, d)
+        H[:, idx_m, idx_m] = 2 * N * (inner @ J[:, 1:-1])
+        if d <= _NEWTON_MAX_DIM:
+            weights = N * (segments[:, :-1] - segments[:, 1:])  # gradient at interior node i = J_i^T weights_i
+            curvature = _curvature_blocks(embed, c[:, 1:-1].reshape(-1, d), weights.reshape(na * m, -1))
+            H[:, idx_m, idx_m] += curvature.reshape(na, m, d, d)
         if m > 1:
             coupling = -N * (inner[:, :-1] @ J[:, 2:-1])  # between interior nodes k and k + 1
             H[:, idx_m[:-1], idx_m[1:]] = coupling
