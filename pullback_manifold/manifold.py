@@ -929,28 +929,44 @@ class ShootingLogSolver(LogSolver):
     def geodesic_bvp(self, point, base_point):
         """Geodesic from ``base_point`` to ``point``; ``path(t)`` is ``(n_t, d)`` or ``(n, n_t, d)``.
 
-        The ODE geodesic of the ``log`` vector, or, with ``log_method="energy"``
-        or where the decoder is piecewise linear (ReLU: its ODE geodesics are
-        straight lines), the refined discrete geodesic, for ``t`` in ``[0, 1]``.
+        The ODE geodesic of the ``log`` vector where shooting solved the pair;
+        the refined discrete geodesic, for ``t`` in ``[0, 1]``, where the energy
+        method answered it (``log_method="energy"``, ``auto``'s ``from_energy``
+        pairs: the ODE from their approximate initial velocity would drift off
+        a geodesic that is sensitive to it) or where the decoder is piecewise
+        linear (ReLU: its ODE geodesics are straight lines).
         """
         m = self.metric
         (z1, z0), batch = m._prepare("base_point", True, point=point, base_point=base_point)
         kinked = piecewise_linear_pairs(m._embed, z1, z0)
-        if m.log_method != "energy" and not kinked.any():
-            tangent_vec = self.log(point, base_point)
-            return m.exp_solver.geodesic_ivp(tangent_vec, base_point)
-        groups = [(rows, bool(flag)) for flag in (False, True) if len(rows := (kinked == flag).nonzero().squeeze(-1))]
+        if m.log_method == "energy":
+            by_ode = torch.zeros_like(kinked)
+            tangent_vec = None
+        else:
+            result = m.solve_log(z1, z0)
+            m._report(result.n_failed, result.converged.numel(), "geodesic", int((kinked & ~result.converged).sum()))
+            by_ode = ~kinked & ~result.from_energy
+            tangent_vec = result.tangent_vec
         curves = []
+        if by_ode.any():
+            rows = by_ode.nonzero().squeeze(-1)
+            curves.append((rows, "ode", tangent_vec[rows]))
+        groups = [(rows, bool(flag)) for flag in (False, True) if len(rows := ((kinked == flag) & ~by_ode).nonzero().squeeze(-1))]
         for rows, is_kinked in groups:
-            result, curve, _ = energy_log(m._embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_kinked)
-            m._report(result.n_failed, result.converged.numel(), "geodesic (energy method)", int(is_kinked) * result.n_failed)
+            energy, curve, _ = energy_log(m._embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_kinked)
+            if tangent_vec is None:
+                m._report(energy.n_failed, energy.converged.numel(), "geodesic (energy method)", int(is_kinked) * energy.n_failed)
             curves.append((rows, curve, arc_length_times(m._embed, curve)))
 
         def path(t):
             times = torch.as_tensor(t, dtype=z0.dtype, device=z0.device).reshape(-1)
             out = torch.empty(z0.shape[0], times.shape[0], m.dim, dtype=z0.dtype, device=z0.device)
-            for rows, curve, node_times in curves:
-                out[rows] = interpolate_curve(curve, times, node_times)
+            for rows, curve, extra in curves:
+                if isinstance(curve, str):
+                    points, ok = geodesic_ivp(m._embed, extra, z0[rows], times, m.ode_options, m.regularization)
+                    out[rows] = _nan_rows(points, ok)
+                else:
+                    out[rows] = interpolate_curve(curve, times, extra)
             return out.reshape(*batch, times.shape[0], m.dim)
 
         return path

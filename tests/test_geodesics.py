@@ -154,3 +154,18 @@ def test_warm_start_from_solution_needs_no_iteration(sphere):
     warm = sphere.metric.solve_log(z1, z0, initial_tangent_vec=cold.tangent_vec)
     assert cold.n_iterations.sum() >= 4  # (a pair can converge from the discrete geodesic's guess)
     assert warm.all_converged and (warm.n_iterations == 0).all()
+
+
+def test_geodesic_of_pairs_answered_by_the_energy_method_is_their_discrete_geodesic():
+    """metric.geodesic must not integrate the ODE from an energy answer's approximate velocity."""
+    z0 = torch.zeros(3, 2, dtype=F64)
+    z1 = torch.tensor([[2.0, -1.5], [-2.5, 2.0], [1e-3, 0.0]], dtype=F64)
+    starved = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, ode_options=ODEOptions(max_num_steps=2))
+    assert starved.metric.solve_log(z1, z0).from_energy.all()
+    path = starved.metric.geodesic(initial_point=z0, end_point=z1)(torch.linspace(0, 1, 5, dtype=F64))
+    torch.testing.assert_close(path[:, 0], z0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(path[:, -1], z1, rtol=0, atol=1e-12)
+    exact = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, log_method="shooting")
+    reference = exact.metric.geodesic(initial_point=z0, end_point=z1)(torch.linspace(0, 1, 5, dtype=F64))
+    # the discrete geodesic at arc-length times follows the exact one (O(h^2) nodes)
+    assert (path - reference).norm(dim=-1).max() < 1e-2

@@ -288,7 +288,9 @@ def test_digits_geodesics_avoid_the_high_sigma_region():
     assert result.converged.float().mean() >= 0.75, result.summary()
     ok = result.converged
     t = torch.linspace(0, 1, 101, dtype=F64)
-    geodesic = space.metric.exp_solver.geodesic_ivp(result.tangent_vec[ok], z0[ok])(t)
+    # (not the ODE from result.tangent_vec: for pairs the energy method answered, that
+    # velocity is approximate, and these geodesics are sensitive to it)
+    geodesic = space.metric.geodesic(initial_point=z0[ok], end_point=z1[ok])(t)
     line = z0[ok][:, None] + t[:, None] * (z1 - z0)[ok][:, None]
     sigma_geodesic = std(geodesic.reshape(-1, 2)).mean(-1).reshape(len(geodesic), -1)
     sigma_line = std(line.reshape(-1, 2)).mean(-1).reshape(len(line), -1)
