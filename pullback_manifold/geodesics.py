@@ -374,6 +374,18 @@ class LogResult:
             f"max residual {worst:.2e}, max iterations {int(self.n_iterations.max()) if n else 0}"
         )
 
+    def __getitem__(self, index) -> LogResult:
+        """The pairs ``index`` selects along the batch axes (a slice, mask or index tensor)."""
+        return replace(
+            self,
+            tangent_vec=self.tangent_vec[index],
+            converged=self.converged[index],
+            residual=self.residual[index],
+            n_iterations=self.n_iterations[index],
+            from_energy=self.from_energy[index],
+            piecewise_linear=self.piecewise_linear[index],
+        )
+
     def reshape(self, batch_shape: tuple[int, ...]) -> LogResult:
         """The same result with batch shape ``batch_shape``."""
         return replace(

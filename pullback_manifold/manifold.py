@@ -684,6 +684,35 @@ class DecoderPullbackMetric(RiemannianMetric):
         )
         return result.reshape(batch)
 
+    def geodesic_from_log(self, result: LogResult, point, base_point):
+        """The geodesics of a :meth:`DecoderPullbackMetric.solve_log` result, without solving again.
+
+        ODE geodesics from ``result.tangent_vec`` for the pairs shooting
+        solved; for the pairs the energy method answered (``from_energy``),
+        their discrete geodesic (solved again for those pairs only).
+
+        Parameters
+        ----------
+        result : LogResult
+            ``metric.solve_log(point, base_point)``.
+        point, base_point : Tensor, shape=[..., d]
+            The arguments of that call.
+
+        Returns
+        -------
+        path : callable
+            ``path(t)``, ``t`` in ``[0, 1]`` of shape ``(n_t,)``: ``(..., n_t, d)``.
+        """
+        m = self
+        (z1, z0), batch = m._prepare("base_point", True, point=point, base_point=base_point)
+        flat = result.reshape((-1,)) if hasattr(result, "reshape") else result
+        if flat.tangent_vec.shape != z0.shape:
+            raise ValueError(
+                f"result has {tuple(result.tangent_vec.shape)} tangent vectors for {tuple(z0.shape)} flattened "
+                "pairs: pass the point and base_point given to solve_log"
+            )
+        return _geodesic_paths(m, z1, z0, flat, batch)
+
     def squared_dist(self, point_a, point_b):
         """Squared geodesic distance, ``||log_a(b)||^2_G``, differentiable in both points.
 
@@ -881,6 +910,42 @@ class ODEExpSolver(ExpSolver):
         return path
 
 
+def _geodesic_paths(m: DecoderPullbackMetric, z1: Tensor, z0: Tensor, result: LogResult | None, batch):
+    """``path(t)`` joining flat pairs: ODE geodesics of ``result`` where shooting solved
+    them, discrete geodesics (energy method) elsewhere, or everywhere if ``result`` is None."""
+    if result is None:
+        kinked = piecewise_linear_pairs(m._embed, z1, z0)
+        by_ode = torch.zeros_like(kinked)
+    else:
+        kinked = result.piecewise_linear.reshape(-1)
+        by_ode = ~kinked & ~result.from_energy.reshape(-1)
+    curves = []
+    if by_ode.any():
+        rows = by_ode.nonzero().squeeze(-1)
+        curves.append((rows, None, result.tangent_vec.reshape(-1, m.dim)[rows]))
+    for is_kinked in (False, True):
+        rows = ((kinked == is_kinked) & ~by_ode).nonzero().squeeze(-1)
+        if len(rows) == 0:
+            continue
+        energy, curve, _ = energy_log(m._embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_kinked)
+        if result is None:
+            m._report(energy.n_failed, energy.converged.numel(), "geodesic (energy method)", int(is_kinked) * energy.n_failed)
+        curves.append((rows, curve, arc_length_times(m._embed, curve)))
+
+    def path(t):
+        times = torch.as_tensor(t, dtype=z0.dtype, device=z0.device).reshape(-1)
+        out = torch.empty(z0.shape[0], times.shape[0], m.dim, dtype=z0.dtype, device=z0.device)
+        for rows, curve, extra in curves:
+            if curve is None:
+                points, ok = geodesic_ivp(m._embed, extra, z0[rows], times, m.ode_options, m.regularization)
+                out[rows] = _nan_rows(points, ok)
+            else:
+                out[rows] = interpolate_curve(curve, times, extra)
+        return out.reshape(*batch, times.shape[0], m.dim)
+
+    return path
+
+
 class ShootingLogSolver(LogSolver):
     """geomstats log solver: batched damped-Newton shooting, warm-started.
 
@@ -938,35 +1003,10 @@ class ShootingLogSolver(LogSolver):
         """
         m = self.metric
         (z1, z0), batch = m._prepare("base_point", True, point=point, base_point=base_point)
-        kinked = piecewise_linear_pairs(m._embed, z1, z0)
         if m.log_method == "energy":
-            by_ode = torch.zeros_like(kinked)
-            tangent_vec = None
-        else:
-            result = m.solve_log(z1, z0)
-            m._report(result.n_failed, result.converged.numel(), "geodesic", int((kinked & ~result.converged).sum()))
-            by_ode = ~kinked & ~result.from_energy
-            tangent_vec = result.tangent_vec
-        curves = []
-        if by_ode.any():
-            rows = by_ode.nonzero().squeeze(-1)
-            curves.append((rows, "ode", tangent_vec[rows]))
-        groups = [(rows, bool(flag)) for flag in (False, True) if len(rows := ((kinked == flag) & ~by_ode).nonzero().squeeze(-1))]
-        for rows, is_kinked in groups:
-            energy, curve, _ = energy_log(m._embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_kinked)
-            if tangent_vec is None:
-                m._report(energy.n_failed, energy.converged.numel(), "geodesic (energy method)", int(is_kinked) * energy.n_failed)
-            curves.append((rows, curve, arc_length_times(m._embed, curve)))
+            return _geodesic_paths(m, z1, z0, None, batch)
+        result = m.solve_log(z1, z0)
+        kinked = result.piecewise_linear
+        m._report(result.n_failed, result.converged.numel(), "geodesic", int((kinked & ~result.converged).sum()))
+        return _geodesic_paths(m, z1, z0, result, batch)
 
-        def path(t):
-            times = torch.as_tensor(t, dtype=z0.dtype, device=z0.device).reshape(-1)
-            out = torch.empty(z0.shape[0], times.shape[0], m.dim, dtype=z0.dtype, device=z0.device)
-            for rows, curve, extra in curves:
-                if isinstance(curve, str):
-                    points, ok = geodesic_ivp(m._embed, extra, z0[rows], times, m.ode_options, m.regularization)
-                    out[rows] = _nan_rows(points, ok)
-                else:
-                    out[rows] = interpolate_curve(curve, times, extra)
-            return out.reshape(*batch, times.shape[0], m.dim)
-
-        return path

@@ -169,3 +169,9 @@ def test_geodesic_of_pairs_answered_by_the_energy_method_is_their_discrete_geode
     reference = exact.metric.geodesic(initial_point=z0, end_point=z1)(torch.linspace(0, 1, 5, dtype=F64))
     # the discrete geodesic at arc-length times follows the exact one (O(h^2) nodes)
     assert (path - reference).norm(dim=-1).max() < 1e-2
+    # the same curves from the report, without solving again, for every pair or a selection
+    report = starved.metric.solve_log(z1, z0)
+    again = starved.metric.geodesic_from_log(report, z1, z0)(torch.linspace(0, 1, 5, dtype=F64))
+    torch.testing.assert_close(again, path, rtol=0, atol=1e-12)
+    one = starved.metric.geodesic_from_log(report[1:2], z1[1:2], z0[1:2])(torch.linspace(0, 1, 5, dtype=F64))
+    torch.testing.assert_close(one, path[1:2], rtol=0, atol=1e-12)
