@@ -296,7 +296,9 @@ def test_digits_geodesics_avoid_the_high_sigma_region():
     sigma_line = std(line.reshape(-1, 2)).mean(-1).reshape(len(line), -1)
     print("mean sigma geodesic", sigma_geodesic.mean(-1), "line", sigma_line.mean(-1))
     print("max sigma geodesic", sigma_geodesic.amax(-1), "line", sigma_line.amax(-1), "threshold", threshold)
-    # most geodesics have lower mean sigma than their straight line
-    assert (sigma_geodesic.mean(-1) < sigma_line.mean(-1)).float().mean() >= 0.75
+    # each geodesic is shorter, in the expected metric, than its straight line. (Not a
+    # lower *mean* sigma: measured, a geodesic detouring around the sigma peak spent
+    # longer at moderate sigma, mean 0.161 against the line's 0.154, max 0.213 vs 0.287.)
+    assert (space.metric.curve_length(geodesic) < space.metric.curve_length(line)).all()
     # and none reaches the high-sigma region that every one of these lines crosses
     assert (sigma_geodesic.amax(-1) < threshold).all()
