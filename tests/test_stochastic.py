@@ -251,7 +251,8 @@ def _same_class_crossing_pairs(vae, std, n_per_class: int = 1, n_candidates: int
         z0, z1 = vae.codes[cand[:, 0]], vae.codes[cand[:, 1]]
         line = z0[:, None] + t[:, None] * (z1 - z0)[:, None]
         crossing = std(line.reshape(-1, 2)).mean(-1).reshape(n_candidates, -1).amax(-1) > threshold
-        pairs.append(cand[crossing][:n_per_class])
+        # drawn with replacement: no pair twice, in either order
+        pairs.append(torch.unique(cand[crossing].sort(dim=1).values, dim=0)[:n_per_class])
     return torch.cat(pairs), threshold
 
 
@@ -279,8 +280,8 @@ def test_digits_geodesics_avoid_the_high_sigma_region():
 
     vae = digits_vae()
     std = vae.std.double()
-    pairs, threshold = _same_class_crossing_pairs(vae, std)
-    assert len(pairs) >= 1
+    pairs, threshold = _same_class_crossing_pairs(vae, std, n_per_class=3)
+    assert len(pairs) >= 4
     space = PullbackManifold(vae.decoder, dim=2)
     z0, z1 = vae.codes[pairs[:, 0]], vae.codes[pairs[:, 1]]
     result = space.metric.solve_log(z1, z0)
@@ -290,15 +291,17 @@ def test_digits_geodesics_avoid_the_high_sigma_region():
     t = torch.linspace(0, 1, 101, dtype=F64)
     # (not the ODE from result.tangent_vec: for pairs the energy method answered, that
     # velocity is approximate, and these geodesics are sensitive to it)
-    geodesic = space.metric.geodesic(initial_point=z0[ok], end_point=z1[ok])(t)
+    geodesic = space.metric.geodesic_from_log(result[ok], z1[ok], z0[ok])(t)
     line = z0[ok][:, None] + t[:, None] * (z1 - z0)[ok][:, None]
     sigma_geodesic = std(geodesic.reshape(-1, 2)).mean(-1).reshape(len(geodesic), -1)
     sigma_line = std(line.reshape(-1, 2)).mean(-1).reshape(len(line), -1)
     print("mean sigma geodesic", sigma_geodesic.mean(-1), "line", sigma_line.mean(-1))
     print("max sigma geodesic", sigma_geodesic.amax(-1), "line", sigma_line.amax(-1), "threshold", threshold)
-    # each geodesic is shorter, in the expected metric, than its straight line. (Not a
-    # lower *mean* sigma: measured, a geodesic detouring around the sigma peak spent
-    # longer at moderate sigma, mean 0.161 against the line's 0.154, max 0.213 vs 0.287.)
+    # most geodesics have a lower mean sigma than their straight line (the issue's
+    # criterion; not all: a geodesic detouring around the sigma peak can spend longer at
+    # moderate sigma -- measured 0.161 against the line's 0.154 on one pair)
+    assert (sigma_geodesic.mean(-1) < sigma_line.mean(-1)).float().mean() > 0.5
+    # each geodesic is shorter, in the expected metric, than its straight line
     assert (space.metric.curve_length(geodesic) < space.metric.curve_length(line)).all()
     # and none reaches the high-sigma region that every one of these lines crosses
     assert (sigma_geodesic.amax(-1) < threshold).all()
