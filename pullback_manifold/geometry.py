@@ -57,18 +57,21 @@ def _directional_derivatives(fn: Callable[[Tensor], Tensor], z: Tensor, tangents
     return vmap(lambda t: jvp(fn, (z,), (t,))[1])(tangents)
 
 
+def _latent_jet(z: Tensor, directions: Tensor, pair: tuple[int, int] | None) -> Jet:
+    """The identity's jet at ``z``: a straight line has no second derivative."""
+    return Jet(z, directions, None if pair is None else torch.zeros_like(z), pair)
+
+
 def embedding_jet(embed: Embedding, z: Tensor, directions: Tensor, pair: tuple[int, int] | None = None) -> Jet:
     """Value ``(n, D)``, derivatives along ``directions`` ``(k, n, d)`` -> ``(k, n, D)``, and, if
     ``pair = (a, b)``, the second derivative ``d^2 f[directions[a], directions[b]]`` ``(n, D)``."""
-    second = None if pair is None else torch.zeros_like(z)
-    return propagate(embed, Jet(z, directions, second, pair))
+    return propagate(embed, _latent_jet(z, directions, pair))
 
 
 def embedding_gram(embed: Embedding, z: Tensor, directions: Tensor, pair: tuple[int, int] | None = None) -> Tensor:
     """Inner products ``(n, m, m)`` of the derivatives in :func:`embedding_jet`, stacked
     ``[df[t_1], ..., df[t_k], d^2 f[t_a, t_b]]`` (``m = k + 1``, or ``k`` without ``pair``)."""
-    second = None if pair is None else torch.zeros_like(z)
-    jet = Jet(z, directions, second, pair)
+    jet = _latent_jet(z, directions, pair)
     gram = getattr(embed, "gram", None)
     return gram(jet) if callable(gram) else stacked_gram(propagate(embed, jet))
 

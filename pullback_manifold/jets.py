@@ -238,22 +238,21 @@ def module_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet, prefix: st
     :func:`torch.func.functional_call` does. The module must be in eval mode.
     """
     kind = type(module)
-    rule = getattr(module, "jet_rule", None)
-    if callable(rule):  # a module's own closed-form derivatives (e.g. RBFPrecision)
-        return rule(jet, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     if kind is nn.Sequential:
         # Not named_children(): it skips a module that appears twice, which forward() runs twice.
         for name, child in module._modules.items():
             jet = module_jet(child, state, jet, f"{prefix}{name}.")
         return jet
-    if kind in _ELEMENTWISE and not any(True for _ in module.parameters()):
+    if kind in _ELEMENTWISE:
         return _ELEMENTWISE[kind](module, jet)
+    local = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    rule = getattr(module, "jet_rule", None)
+    if callable(rule):  # a module's own closed-form derivatives (e.g. RBFPrecision)
+        return rule(jet, local)
     if kind in _WITH_PARAMETERS:
-        params = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        out = _WITH_PARAMETERS[kind](module, jet, params)
+        out = _WITH_PARAMETERS[kind](module, jet, local)
         if out is not None:
             return out
-    local = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return generic(lambda x: functional_call(module, local, (x,)), jet)
 
 

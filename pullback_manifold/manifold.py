@@ -703,15 +703,14 @@ class DecoderPullbackMetric(RiemannianMetric):
         path : callable
             ``path(t)``, ``t`` in ``[0, 1]`` of shape ``(n_t,)``: ``(..., n_t, d)``.
         """
-        m = self
-        (z1, z0), batch = m._prepare("base_point", True, point=point, base_point=base_point)
-        flat = result.reshape((-1,)) if hasattr(result, "reshape") else result
+        (z1, z0), batch = self._prepare("base_point", True, point=point, base_point=base_point)
+        flat = result.reshape((-1,))
         if flat.tangent_vec.shape != z0.shape:
             raise ValueError(
                 f"result has {tuple(result.tangent_vec.shape)} tangent vectors for {tuple(z0.shape)} flattened "
                 "pairs: pass the point and base_point given to solve_log"
             )
-        return _geodesic_paths(m, z1, z0, flat, batch)
+        return _geodesic_paths(self, z1, z0, flat, batch)
 
     def squared_dist(self, point_a, point_b):
         """Squared geodesic distance, ``||log_a(b)||^2_G``, differentiable in both points.
