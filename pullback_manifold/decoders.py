@@ -220,7 +220,9 @@ def _flatten_jet(out: Jet, z: Tensor, name: str) -> Jet:
     """:func:`_flatten_output` for a jet: ``(n, *out) -> (n, D)`` on every component."""
     value = _flatten_output(out.value, z, name)
     k = out.first.shape[0]
-    second = None if out.second is None else out.second.reshape(value.shape)
+    second = out.second
+    if second is not None:
+        second = second.reshape(len(second), *value.shape) if out.many_pairs else second.reshape(value.shape)
     return out.replace(value, out.first.reshape(k, *value.shape), second)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .block_tridiagonal import solve_block_tridiagonal
 from .decoders import MetricDecoder
 from .geodesics import LogResult
 from .geometry import Embedding, _squared_speeds, curve_energy, curve_length, embedding_jet, metric_matrix
@@ -50,32 +51,32 @@ def _refine(curve: Tensor) -> Tensor:
     return out
 
 
-def _values_and_jacobians(embed, nodes: Tensor) -> tuple[Tensor, Tensor]:
-    """``f`` ``(m, D)`` and ``J`` ``(m, D, d)`` at ``nodes`` ``(m, d)`` from one Taylor-mode pass."""
+def _node_jet(embed, nodes: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``f`` ``(m, D)``, ``J`` ``(m, D, d)`` and, if ``hessian``, the second derivatives
+    ``d^2 f[e_a, e_b]`` ``(P, m, D)`` for the ``P = d (d + 1) / 2`` pairs ``a <= b``
+    (:func:`torch.triu_indices` order), all from one Taylor-mode pass."""
     m, d = nodes.shape
     basis = torch.eye(d, dtype=nodes.dtype, device=nodes.device)[:, None, :].expand(d, m, d)
-    jet = embedding_jet(embed, nodes, basis)
-    return jet.value, jet.first.permute(1, 2, 0)
+    pairs = tuple(torch.triu_indices(d, d, device=nodes.device)) if hessian else None
+    jet = embedding_jet(embed, nodes, basis, pair=pairs)
+    return jet.value, jet.first.permute(1, 2, 0), jet.second
 
 
-def _curvature_blocks(embed, nodes: Tensor, weights: Tensor) -> Tensor:
-    """``C[i] = sum_D weights[i, D] d^2 f_D(nodes[i])`` ``(m, d, d)``: the second-order part of
-    the energy's Hessian, which Gauss-Newton leaves out. One jet pass with a pair of
-    coordinate directions per row, for each of the ``d (d + 1) / 2`` pairs."""
-    m, d = nodes.shape
-    a, b = torch.triu_indices(d, d, device=nodes.device)
-    eye = torch.eye(d, dtype=nodes.dtype, device=nodes.device)
-    directions = torch.stack([eye[a].repeat_interleave(m, 0), eye[b].repeat_interleave(m, 0)])
-    jet = embedding_jet(embed, nodes.repeat(len(a), 1), directions, pair=(0, 1))
-    values = (jet.second.reshape(len(a), m, -1) * weights).sum(-1)  # (pairs, m)
-    blocks = nodes.new_zeros(m, d, d)
+def _curvature_blocks(second: Tensor, weights: Tensor, d: int) -> Tensor:
+    """``C[i] = sum_D weights[i, D] d^2 f_D(nodes[i])`` ``(m, d, d)`` from the pairs of
+    :func:`_node_jet`: the second-order part of the energy's Hessian, which
+    Gauss-Newton leaves out."""
+    m = second.shape[1]
+    a, b = torch.triu_indices(d, d, device=second.device)
+    values = (second * weights).sum(-1)  # (P, m)
+    blocks = second.new_zeros(m, d, d)
     blocks[:, a, b] = values.T
     blocks[:, b, a] = values.T
     return blocks
 
 
-# The second-order term costs d (d + 1) / 2 decoder jets per node: worth it for the
-# small latent spaces where Gauss-Newton crawls along sigma walls; above, Gauss-Newton.
+# The second-order term costs d (d + 1) / 2 more derivative streams per node: worth it
+# for the small latent spaces where Gauss-Newton crawls along sigma walls; above, Gauss-Newton.
 _NEWTON_MAX_DIM = 4
 
 
@@ -109,7 +110,6 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
     damping = torch.full((n,), 1e-6, dtype=curve.dtype, device=curve.device)
     converged = torch.zeros(n, dtype=torch.bool, device=curve.device)
     failed = torch.zeros_like(converged)
-    idx_m = torch.arange(m, device=curve.device)
     jitters = torch.zeros(n, dtype=torch.long, device=curve.device)
     generator = torch.Generator().manual_seed(0)
     for _ in range(max_iter):
@@ -118,42 +118,35 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
             break
         c = curve[active]
         na = len(active)
-        values, J = _values_and_jacobians(embed, c.reshape(-1, d))
+        values, J, second = _node_jet(embed, c.reshape(-1, d), hessian=d <= _NEWTON_MAX_DIM)
         values = values.reshape(na, k, -1)
         J = J.reshape(na, k, -1, d)
         segments = values[:, 1:] - values[:, :-1]  # (na, N, D)
         Jt = J.transpose(-1, -2)
         inner = Jt[:, 1:-1]  # interior nodes
         gradient = N * (inner @ (segments[:, :-1] - segments[:, 1:]).unsqueeze(-1)).squeeze(-1)  # (na, m, d)
-        H = torch.zeros(na, m, m, d, d, dtype=c.dtype, device=c.device)
-        H[:, idx_m, idx_m] = 2 * N * (inner @ J[:, 1:-1])
-        if d <= _NEWTON_MAX_DIM:
+        diagonal = 2 * N * (inner @ J[:, 1:-1])  # (na, m, d, d)
+        if second is not None:
             weights = N * (segments[:, :-1] - segments[:, 1:])  # gradient at interior node i = J_i^T weights_i
-            curvature = _curvature_blocks(embed, c[:, 1:-1].reshape(-1, d), weights.reshape(na * m, -1))
-            H[:, idx_m, idx_m] += curvature.reshape(na, m, d, d)
-        if m > 1:
-            coupling = -N * (inner[:, :-1] @ J[:, 2:-1])  # between interior nodes k and k + 1
-            H[:, idx_m[:-1], idx_m[1:]] = coupling
-            H[:, idx_m[1:], idx_m[:-1]] = coupling.transpose(-1, -2)
-        H = H.permute(0, 1, 3, 2, 4).reshape(na, m * d, m * d)
-        g = gradient.reshape(na, m * d)
-        diag = H.diagonal(dim1=-2, dim2=-1)
-        mean_diag = diag.mean(-1).clamp_min(torch.finfo(c.dtype).tiny)
+            second = second.reshape(len(second), na, k, -1)[:, :, 1:-1].reshape(len(second), na * m, -1)
+            diagonal = diagonal + _curvature_blocks(second, weights.reshape(na * m, -1), d).reshape(na, m, d, d)
+        coupling = -N * (inner[:, :-1] @ J[:, 2:-1])  # between interior nodes i and i + 1
+        mean_diag = diagonal.diagonal(dim1=-2, dim2=-1).mean((1, 2)).clamp_min(torch.finfo(c.dtype).tiny)
+        eye = torch.eye(d, dtype=c.dtype, device=c.device)
         accepted = torch.zeros(na, dtype=torch.bool, device=c.device)
         lam = damping[active]
         for _ in range(8):
             todo = (~accepted).nonzero().squeeze(-1)
             if len(todo) == 0:
                 break
-            A = H[todo] + (lam[todo] * mean_diag[todo])[:, None, None] * torch.eye(m * d, dtype=c.dtype, device=c.device)
-            L, info = torch.linalg.cholesky_ex(A)
-            step = -torch.cholesky_solve(g[todo].unsqueeze(-1), L).squeeze(-1).reshape(len(todo), m, d)
-            step = torch.where((info == 0)[:, None, None], step, torch.zeros_like(step))
+            damped = diagonal[todo] + (lam[todo] * mean_diag[todo])[:, None, None, None] * eye
+            step, positive = solve_block_tridiagonal(damped, coupling[todo], gradient[todo])
+            step = torch.where(positive[:, None, None], -step, torch.zeros_like(step))
             trial = c[todo].clone()
             trial[:, 1:-1] += step
             e_trial = _energy(embed, trial)
             e_now = energy[active[todo]]
-            ok = (info == 0) & torch.isfinite(e_trial) & (e_trial <= e_now)
+            ok = positive & torch.isfinite(e_trial) & (e_trial <= e_now)
             rows = active[todo[ok]]
             curve[rows] = trial[ok]
             energy[rows] = e_trial[ok]
@@ -251,7 +244,7 @@ def discrete_geodesic(
     elif initial_curve is not None:
         curve = initial_curve
     if xtol is None:
-        xtol = 1e-10 if point.dtype == torch.float64 else 1e-5
+        xtol = 1e-8 if point.dtype == torch.float64 else 1e-5
     if isinstance(embed, MetricDecoder) or not smooth:
         return _lbfgs(embed, curve, max_iter * 10)
     return _gauss_newton(embed, curve, max_iter, xtol)

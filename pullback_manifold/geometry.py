@@ -57,14 +57,18 @@ def _directional_derivatives(fn: Callable[[Tensor], Tensor], z: Tensor, tangents
     return vmap(lambda t: jvp(fn, (z,), (t,))[1])(tangents)
 
 
-def _latent_jet(z: Tensor, directions: Tensor, pair: tuple[int, int] | None) -> Jet:
+def _latent_jet(z: Tensor, directions: Tensor, pair) -> Jet:
     """The identity's jet at ``z``: a straight line has no second derivative."""
-    return Jet(z, directions, None if pair is None else torch.zeros_like(z), pair)
+    if pair is None:
+        return Jet(z, directions)
+    many = isinstance(pair[0], Tensor)
+    return Jet(z, directions, z.new_zeros(len(pair[0]), *z.shape) if many else torch.zeros_like(z), pair)
 
 
-def embedding_jet(embed: Embedding, z: Tensor, directions: Tensor, pair: tuple[int, int] | None = None) -> Jet:
+def embedding_jet(embed: Embedding, z: Tensor, directions: Tensor, pair=None) -> Jet:
     """Value ``(n, D)``, derivatives along ``directions`` ``(k, n, d)`` -> ``(k, n, D)``, and, if
-    ``pair = (a, b)``, the second derivative ``d^2 f[directions[a], directions[b]]`` ``(n, D)``."""
+    ``pair = (a, b)``, the second derivative ``d^2 f[directions[a], directions[b]]`` ``(n, D)``
+    (``(P, n, D)`` when ``a`` and ``b`` are index tensors of shape ``(P,)``)."""
     return propagate(embed, _latent_jet(z, directions, pair))
 
 

@@ -8,7 +8,10 @@ its derivatives along a few directions (the ``d`` coordinate directions for
 * ``value``  ``(n, *S)``: :math:`x`;
 * ``first``  ``(k, n, *S)``: :math:`dx[t_1], \dots, dx[t_k]`;
 * ``second`` ``(n, *S)``: :math:`d^2 x[t_a, t_b]`, for the pair ``(a, b)`` of
-  first-order directions given by ``pair`` (or None if not needed).
+  first-order directions given by ``pair`` (or None if not needed); or
+  ``(P, n, *S)`` for ``P`` pairs at once when ``pair`` holds two index tensors
+  ``(A, B)`` of shape ``(P,)`` (all of a Hessian: ``A, B = triu_indices(d, d)``),
+  which share the value and first derivatives.
 
 Layers whose derivatives are known in closed form -- ``nn.Sequential``,
 ``nn.Linear``, convolutions, eval-mode batch norm, ``Flatten``/``Unflatten``,
@@ -43,16 +46,28 @@ class Jet:
     ----------
     value : Tensor, shape=[n, *S]
     first : Tensor, shape=[k, n, *S]
-    second : Tensor, shape=[n, *S], optional
+    second : Tensor, shape=[n, *S] or [P, n, *S], optional
         :math:`d^2 x[t_a, t_b]` for ``(a, b) = pair``.
-    pair : tuple of int, optional
-        Indices into ``first`` of the two directions of ``second``.
+    pair : tuple of int, or tuple of two LongTensors of shape [P], optional
+        Indices into ``first`` of the two directions of ``second``; index
+        tensors ask for ``P`` second derivatives at once.
     """
 
     value: Tensor
     first: Tensor
     second: Tensor | None = None
-    pair: tuple[int, int] | None = None
+    pair: tuple[int, int] | tuple[Tensor, Tensor] | None = None
+
+    @property
+    def many_pairs(self) -> bool:
+        """``second`` holds one second derivative per pair of index tensors ``(P, n, *S)``."""
+        return self.pair is not None and isinstance(self.pair[0], Tensor)
+
+    def derivatives(self) -> Tensor:
+        """``[first_1, ..., first_k, second(s)]`` stacked on the leading axis."""
+        if self.second is None:
+            return self.first
+        return torch.cat([self.first, self.second if self.many_pairs else self.second[None]])
 
     def replace(self, value: Tensor, first: Tensor, second: Tensor | None) -> Jet:
         return Jet(value, first, second, self.pair)
@@ -74,6 +89,12 @@ def generic(fn: Callable[[Tensor], Tensor], jet: Jet) -> Jet:
     if jet.second is None:
         value, out_first = vmap(lambda t: jvp(fn, (x,), (t,)), out_dims=(None, 0))(first)
         return jet.replace(value, out_first, None)
+    if jet.many_pairs:  # one pair at a time: this path is the slow fallback anyway
+        singles = [
+            generic(fn, Jet(x, first, second, (int(a), int(b))))
+            for a, b, second in zip(*jet.pair, jet.second, strict=True)
+        ]
+        return jet.replace(singles[0].value, singles[0].first, torch.stack([out.second for out in singles]))
     a, b = jet.pair
     # Outer tangents: the k directions and the incoming second derivative; the inner
     # tangent t_b gives d^2 fn[t, t_b] alongside d fn[t].
@@ -165,7 +186,9 @@ def _linear_map(jet: Jet, value: Tensor, linear_part: Callable[[Tensor], Tensor]
     """An affine layer: derivatives go through its linear part only."""
     k = jet.first.shape[0]
     first = _unrows(linear_part(_rows(jet.first)), k)
-    second = None if jet.second is None else linear_part(jet.second)
+    second = jet.second
+    if second is not None:
+        second = _unrows(linear_part(_rows(second)), len(second)) if jet.many_pairs else linear_part(second)
     return jet.replace(value, first, second)
 
 
@@ -272,7 +295,7 @@ def propagate(fn, jet: Jet) -> Jet:
 def stacked_gram(jet: Jet) -> Tensor:
     """Inner products of ``[first_1, ..., first_k, second]`` per row: ``(n, m, m)``, ``m = k + 1``
     (``k`` without a second derivative). All the metric needs: ``G`` and ``J^T d^2 f``."""
-    vectors = jet.first if jet.second is None else torch.cat([jet.first, jet.second[None]])
+    vectors = jet.derivatives()
     m, n = vectors.shape[:2]
     vectors = vectors.reshape(m, n, math.prod(vectors.shape[2:])).transpose(0, 1)  # (n, m, D); explicit D for n = 0
     return vectors @ vectors.transpose(-1, -2)
@@ -308,8 +331,7 @@ def sequential_gram(
         if position == index:
             break
         jet = module_jet(child, state, jet, f"{name}.")
-    vectors = jet.first if jet.second is None else torch.cat([jet.first, jet.second[None]])
-    vectors = vectors.transpose(0, 1)  # (n, m, ..., H)
+    vectors = jet.derivatives().transpose(0, 1)  # (n, m, ..., H)
     if vectors.dim() == 3:
         return vectors @ weight_gram @ vectors.transpose(-1, -2)
     vectors = vectors.reshape(*vectors.shape[:2], -1, vectors.shape[-1])  # Linear on the last axis of (C, H)

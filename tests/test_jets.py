@@ -85,6 +85,17 @@ def _check(decoder, d=3, n=6, pair=(3, 4)):
     ):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * b.abs().max().item())
+    if pair is not None:
+        # Several second derivatives in one pass (index tensors) equal the single-pair ones.
+        pairs = [pair, (0, 1), (2, 2), (4, 0)]
+        many = embedding_jet(decoder, z, directions, tuple(torch.tensor(p) for p in zip(*pairs)))
+        torch.testing.assert_close(many.value, slow.value, rtol=1e-12, atol=1e-12 * slow.value.abs().max().item())
+        assert many.second.shape == (len(pairs), *slow.second.shape)
+        for index, single in enumerate(pairs):
+            expected = _generic_jet(decoder, z, directions, single).second
+            torch.testing.assert_close(
+                many.second[index], expected, rtol=1e-12, atol=1e-12 * expected.abs().max().item()
+            )
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda m: repr(m))
