@@ -250,15 +250,21 @@ def discrete_geodesic(
     return _gauss_newton(embed, curve, max_iter, xtol)
 
 
-def _initial_velocity(embed, curve: Tensor, length: Tensor) -> Tensor:
-    """Velocity at ``t = 0`` of the geodesic the polygon approximates, with ``|v|_G = length``.
-
-    Direction by a second-order one-sided difference of the nodes; speed from the
-    (extrapolated) length, since a geodesic has constant speed ``|v|_G = L``.
-    """
+def _initial_direction(curve: Tensor) -> Tensor:
+    """``c'(0)`` of the polygon's nodes by a second-order one-sided difference ``(n, d)``."""
     N = curve.shape[1] - 1
-    direction = (-3 * curve[:, 0] + 4 * curve[:, 1] - curve[:, 2]) * (N / 2)
-    G = metric_matrix(embed, curve[:, 0])
+    return (-3 * curve[:, 0] + 4 * curve[:, 1] - curve[:, 2]) * (N / 2)
+
+
+def _initial_velocity(embed, base_point: Tensor, directions: list[Tensor], length: Tensor) -> Tensor:
+    """Velocity at ``t = 0`` of the geodesic the polygons approximate, with ``|v|_G = length``.
+
+    The direction is Richardson-extrapolated from the two finest levels (the
+    nodes and the difference are both second-order accurate); the speed comes
+    from the (extrapolated) length, since a geodesic has constant speed ``|v|_G = L``.
+    """
+    direction = directions[-1] + (directions[-1] - directions[-2]) / 3
+    G = metric_matrix(embed, base_point)
     speed = torch.einsum("ni,nij,nj->n", direction, G, direction).clamp_min(0).sqrt()
     factor = torch.where(speed > 0, length / speed, torch.zeros_like(speed))
     return direction * factor[:, None]
@@ -282,6 +288,55 @@ def _extrapolate(lengths: list[Tensor], smooth: bool = True) -> tuple[Tensor, Te
         return best, (best - previous).abs() / best.clamp_min(tiny)
     coarse, fine = lengths[-2], lengths[-1]
     return fine + (fine - coarse) / 3, (fine - coarse).abs() / (3 * fine.clamp_min(tiny))
+
+
+# Gauss-Legendre nodes and weights on [0, 1], three points: the polygon's length per segment.
+_GAUSS_NODES = (0.5 - 0.5 * 0.6**0.5, 0.5, 0.5 + 0.5 * 0.6**0.5)
+_GAUSS_WEIGHTS = (5 / 18, 8 / 18, 5 / 18)
+
+
+def _polygon_length(embed, curve: Tensor) -> Tensor:
+    """Riemannian length of the latent polygon itself ``(n,)``, by Gauss-Legendre quadrature
+    of ``|J(c(t)) dc|`` on each segment: the length of a curve joining the end points, so
+    (up to quadrature error) an upper bound on the distance."""
+    n, k, d = curve.shape
+    nodes = torch.tensor(_GAUSS_NODES, dtype=curve.dtype, device=curve.device)
+    weights = torch.tensor(_GAUSS_WEIGHTS, dtype=curve.dtype, device=curve.device)
+    steps = curve[:, 1:] - curve[:, :-1]  # (n, N, d)
+    points = curve[:, :-1, None] + nodes[:, None] * steps[:, :, None]  # (n, N, 3, d)
+    directions = steps[:, :, None].expand_as(points).reshape(1, -1, d)
+    speeds = embedding_jet(embed, points.reshape(-1, d), directions).first[0].norm(dim=-1)
+    return (speeds.reshape(n, k - 1, 3) * weights).sum((1, 2))
+
+
+def _level_lengths(embed, curve: Tensor, cross_check: bool) -> Tensor:
+    """``(2, n)``: the decoded chord length (what the energy sees) and the polygon's
+    quadrature length; ``(1, n)`` without the cross-check."""
+    chord = curve_length(embed, curve)
+    return torch.stack([chord, _polygon_length(embed, curve)]) if cross_check else chord[None]
+
+
+def _certify(lengths: list[Tensor], smooth: bool) -> tuple[Tensor, Tensor]:
+    """Extrapolated chord length and its estimated relative error, from levels of :func:`_level_lengths`.
+
+    Two estimates of the distance converge to it from opposite sides: the chord
+    lengths of the decoded nodes from below (the discrete energy is at most the
+    geodesic's), the polygon's own length from above (it is a curve joining the
+    end points). The error estimate is the larger of ``4 |quadrature - chord|``
+    (both extrapolated) and a quarter of the change of the chord extrapolation
+    (which overestimates its error about 15-fold once the levels are in the
+    ``O(h^2)`` regime). The cross term catches polygons whose chords jump over a
+    thin region of large metric (a sigma wall) at every level so far, where the
+    chord lengths alone can look converged.
+    """
+    length, error = _extrapolate([level[0] for level in lengths], smooth)
+    if lengths[-1].shape[0] == 1 or not smooth:
+        return length, error
+    upper, _ = _extrapolate([level[1] for level in lengths], smooth)
+    tiny = torch.finfo(length.dtype).tiny
+    cross = (upper - length).abs() / length.clamp_min(tiny)
+    # With two levels only, ``error`` is that of the raw finer length: no regime argument.
+    return length, torch.maximum(4 * cross, error / 4 if len(lengths) >= 3 else error)
 
 
 @torch.no_grad()
@@ -334,8 +389,11 @@ def energy_log(
     -------
     result : LogResult
         ``residual`` is the estimated relative error of the extrapolated
-        length (the change of the extrapolation between the two finest level
-        pairs, or ``|L_2N - L_N| / (3 L_2N)`` with one refinement);
+        length: the larger of four times its distance to the extrapolated
+        quadrature length of the polygons and a quarter of the change of the
+        extrapolation between the two finest level pairs (``|L_2N - L_N| /
+        (3 L_2N)`` with one refinement; only the latter, in full, for a
+        MetricDecoder or a piecewise-linear decoder);
         ``converged`` also requires the optimizer to have converged at every
         level; ``n_iterations`` counts levels.
     curve : Tensor, shape=[n, n_segments * 2**n_refinements + 1, d]
@@ -352,15 +410,17 @@ def energy_log(
         rtol = (1e-5 if point.dtype == torch.float64 else 1e-4) if smooth else 1e-3
     if max_refinements is None:
         max_refinements = n_refinements + 3 if smooth else n_refinements
+    cross_check = smooth and not isinstance(embed, MetricDecoder)
     curve, ok = discrete_geodesic(embed, point, base_point, n_segments, max_iter, smooth=smooth)
-    lengths, oks = [curve_length(embed, curve)], [ok]
+    lengths, oks, directions = [_level_lengths(embed, curve, cross_check)], [ok], [_initial_direction(curve)]
     for _ in range(n_refinements):
         curve, ok = discrete_geodesic(
             embed, point, base_point, max_iter=max_iter, initial_curve=_refine(curve), smooth=smooth
         )
-        lengths.append(curve_length(embed, curve))
+        lengths.append(_level_lengths(embed, curve, cross_check))
         oks.append(ok)
-    length, error = _extrapolate(lengths, smooth)
+        directions.append(_initial_direction(curve))
+    length, error = _certify(lengths, smooth)
     # The estimate is trusted when the optimizer converged at the levels it compares.
     ok = torch.stack(oks[-3:]).all(0)
     n_levels = torch.full((len(point),), n_refinements + 1, dtype=torch.long, device=point.device)
@@ -373,17 +433,20 @@ def energy_log(
         )
         # Only the refined pairs get a new level (the others' values are final).
         lengths = [level.clone() for level in lengths[-2:]] + [lengths[-1].clone()]
-        lengths[-1][todo] = curve_length(embed, finer)
+        lengths[-1][:, todo] = _level_lengths(embed, finer, cross_check)
         oks = [level.clone() for level in oks[-2:]] + [oks[-1].clone()]
         oks[-1][todo] = ok_finer
-        length[todo], error[todo] = _extrapolate([level[todo] for level in lengths], smooth)
+        directions = [directions[-2].clone(), directions[-1].clone()]
+        directions[0][todo] = directions[1][todo]
+        directions[1][todo] = _initial_direction(finer)
+        length[todo], error[todo] = _certify([level[:, todo] for level in lengths], smooth)
         ok[todo] = torch.stack([level[todo] for level in oks]).all(0)
         n_levels[todo] += 1
         curve = _refine(curve)
         curve[todo] = finer
     same = (point == base_point).all(-1)
     error = torch.where(same, torch.zeros_like(error), error)
-    tangent_vec = torch.where(same[:, None], torch.zeros_like(point), _initial_velocity(embed, curve, length))
+    tangent_vec = torch.where(same[:, None], torch.zeros_like(point), _initial_velocity(embed, base_point, directions, length))
     converged = ok & torch.isfinite(error) & (error <= rtol) & torch.isfinite(tangent_vec).all(-1)
     if not smooth:
         # Piecewise-smooth energy: the optimizer can stop in a local minimum that the

@@ -80,6 +80,53 @@ def embedding_gram(embed: Embedding, z: Tensor, directions: Tensor, pair: tuple[
     return gram(jet) if callable(gram) else stacked_gram(propagate(embed, jet))
 
 
+class _RegularizedEmbedding:
+    """``z -> [f(z), sqrt(eps) z]``: its pull-back metric is ``J^T J + eps I``, so the
+    energy method solves for the same regularized metric as the geodesic ODE."""
+
+    def __init__(self, embed: Embedding, eps: float):
+        self.embed, self.scale = embed, eps**0.5
+
+    def __call__(self, z: Tensor) -> Tensor:
+        out = self.embed(z)
+        return torch.cat([out.reshape(len(z), -1), self.scale * z], dim=-1)
+
+    def jet(self, jet: Jet) -> Jet:
+        out = propagate(self.embed, jet)
+        n = len(jet.value)
+        lead = out.first.shape[0]
+        value = torch.cat([out.value.reshape(n, -1), self.scale * jet.value], -1)
+        first = torch.cat([out.first.reshape(lead, n, -1), self.scale * jet.first], -1)
+        second = None
+        if out.second is not None:
+            shape = (len(out.second), n, -1) if out.many_pairs else (n, -1)
+            second = torch.cat([out.second.reshape(shape), self.scale * jet.second], -1)
+        return out.replace(value, first, second)
+
+
+class _RegularizedMetric(MetricDecoder):
+    def __init__(self, decoder: MetricDecoder, eps: float):
+        self.decoder, self.eps = decoder, eps
+
+    def _functions(self):
+        return self.decoder._functions()
+
+    def _embed(self, z: Tensor) -> Tensor:
+        return self.decoder.embed(z)
+
+    def metric(self, z: Tensor) -> Tensor:
+        return self.decoder.metric(z) + self.eps * torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+
+
+def regularized(embed: Embedding, eps: float) -> Embedding:
+    """An embedding whose metric is that of ``embed`` plus ``eps I`` (``embed`` itself if ``eps == 0``)."""
+    if eps == 0:
+        return embed
+    if isinstance(embed, MetricDecoder):
+        return _RegularizedMetric(embed, eps)
+    return _RegularizedEmbedding(embed, eps)
+
+
 def jacobian(embed: Embedding, z: Tensor) -> Tensor:
     """Jacobian of the embedding.
 

@@ -926,10 +926,11 @@ def _geodesic_paths(m: DecoderPullbackMetric, z1: Tensor, z0: Tensor, result: Lo
         rows = ((kinked == is_kinked) & ~by_ode).nonzero().squeeze(-1)
         if len(rows) == 0:
             continue
-        energy, curve, _ = energy_log(m._embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_kinked)
+        energy_embed = geometry.regularized(m._embed, m.regularization)
+        energy, curve, _ = energy_log(energy_embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_kinked)
         if result is None:
             m._report(energy.n_failed, energy.converged.numel(), "geodesic (energy method)", int(is_kinked) * energy.n_failed)
-        curves.append((rows, curve, arc_length_times(m._embed, curve)))
+        curves.append((rows, curve, arc_length_times(energy_embed, curve)))
 
     def path(t):
         times = torch.as_tensor(t, dtype=z0.dtype, device=z0.device).reshape(-1)
