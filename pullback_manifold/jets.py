@@ -46,8 +46,9 @@ class Jet:
     ----------
     value : Tensor, shape=[n, *S]
     first : Tensor, shape=[k, n, *S]
-    second : Tensor, shape=[n, *S] or [P, n, *S], optional
-        :math:`d^2 x[t_a, t_b]` for ``(a, b) = pair``.
+    second : Tensor, optional
+        :math:`d^2 x[t_a, t_b]` for ``(a, b) = pair``: shape ``(n, *S)``, or
+        ``(P, n, *S)`` for ``P`` pairs.
     pair : tuple of int, or tuple of two LongTensors of shape [P], optional
         Indices into ``first`` of the two directions of ``second``; index
         tensors ask for ``P`` second derivatives at once.
