@@ -446,7 +446,8 @@ def energy_log(
         curve[todo] = finer
     same = (point == base_point).all(-1)
     error = torch.where(same, torch.zeros_like(error), error)
-    tangent_vec = torch.where(same[:, None], torch.zeros_like(point), _initial_velocity(embed, base_point, directions, length))
+    velocity = _initial_velocity(embed, base_point, directions, length)
+    tangent_vec = torch.where(same[:, None], torch.zeros_like(point), velocity)
     converged = ok & torch.isfinite(error) & (error <= rtol) & torch.isfinite(tangent_vec).all(-1)
     if not smooth:
         # Piecewise-smooth energy: the optimizer can stop in a local minimum that the

@@ -130,7 +130,9 @@ def _log_chunk(
         smooth = (~kinked).nonzero().squeeze(-1)
         if len(smooth):
             init = None if initial_tangent_vec is None else initial_tangent_vec[smooth]
-            rest = _log_chunk(embed, energy_embed, point[smooth], base_point[smooth], init, "auto", shooting, energy_rtol)
+            rest = _log_chunk(
+                embed, energy_embed, point[smooth], base_point[smooth], init, "auto", shooting, energy_rtol
+            )
             result.n_iterations[smooth] = 0
             _merge(result, smooth, rest, torch.ones_like(rest.converged))
         result.method = method

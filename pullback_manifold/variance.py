@@ -150,7 +150,8 @@ class RBFPrecision(nn.Module):
         second = None
         if jet.second is not None:
             a, b = jet.pair
-            d2q = 2 * (first[a] * first[b]).sum(-1, keepdim=True) + 2 * torch.einsum("nkd,...nd->...nk", offset, jet.second)
+            d2q = 2 * (first[a] * first[b]).sum(-1, keepdim=True)
+            d2q = d2q + 2 * torch.einsum("nkd,...nd->...nk", offset, jet.second)
             second_phi = phi * (bandwidths.pow(2) * dq[a] * dq[b] - bandwidths * d2q)
         beta = phi @ weights + self.zeta
         sigma = torch.rsqrt(beta)
