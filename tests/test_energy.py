@@ -113,3 +113,33 @@ def test_bad_method_names_are_refused():
     space = PullbackManifold(fold, dim=2)
     with pytest.raises(ValueError, match="method"):
         space.metric.solve_log(torch.ones(2, dtype=F64), torch.zeros(2, dtype=F64), method="spline")
+
+
+def _levels(chord_limit, chord_c, quad_limit, quad_c, sizes=(16, 32, 64)):
+    """Per-level ``(2, 1)`` lengths of an O(h^2) chord and quadrature sequence."""
+    return [torch.tensor([[chord_limit - chord_c / N**2], [quad_limit + quad_c / N**2]], dtype=F64) for N in sizes]
+
+
+def test_error_estimate_bounds_the_error_of_a_regular_sequence():
+    from pullback_manifold.discrete import _certify
+
+    # chords from below, the polygon's length from above, both O(h^2) with an h^4 term
+    levels = [
+        torch.tensor([[5.0 - 3.0 / N**2 - 40.0 / N**4], [5.0 + 2.0 / N**2 + 30.0 / N**4]], dtype=F64)
+        for N in (16, 32, 64)
+    ]
+    length, error = _certify(levels, smooth=True)
+    true_error = (length - 5.0).abs() / 5.0
+    # bounded, yet well below the raw error of the finest chord length (1.5e-4)
+    assert true_error.item() <= error.item() < 1e-4
+
+
+def test_error_estimate_sees_chords_that_jump_a_wall():
+    """Chord lengths that look converged (a thin high-metric region between nodes at every
+    level) are caught by the polygon's own length, which does not converge to them."""
+    from pullback_manifold.discrete import _certify, _extrapolate
+
+    levels = _levels(10.0, 0.0, 10.4, 30.0)
+    assert _extrapolate([level[0] for level in levels])[1].item() == 0.0  # the chords alone: "exact"
+    _, error = _certify(levels, smooth=True)
+    assert error.item() > 0.1
