@@ -784,6 +784,7 @@ def main(argv=None) -> int:
     torch.set_default_dtype(torch.float64)  # geomstats' tools make tensors of the default dtype
     warnings.simplefilter("ignore", UserWarning)
     total_start = time.perf_counter()
+    info = machine_info()  # at the start: the commit that is measured, not one made during the run
     sections, verdict_rows, log = [], [], []
     for key in keys:
         print(f"[{time.perf_counter() - total_start:6.0f} s] problem ({key})", flush=True)
@@ -858,7 +859,7 @@ def main(argv=None) -> int:
     out = ["# Benchmark results: the logarithm map", "",
            "Written by `benchmarks/run_benchmarks.py` (see `benchmarks/README.md` for the problems, the reference "
            "and the definitions of the columns).", "", "Command:", "", "```", command.strip(), "```", ""]
-    out += machine_info() + [f"- total run time: {elapsed:.0f} s", ""]
+    out += info + [f"- total run time: {elapsed:.0f} s", ""]
     out += targets_section(verdict_rows)
     out += ["## Per problem", ""] + sections
     if throughput:

@@ -17,7 +17,8 @@ r"""The logarithm map: one entry point, three methods, a report for every pair.
     within ``1e-3`` (relative) of the point are polished by Newton shooting to
     the end-point tolerance (at most 4 iterations); the others keep the
     discrete answer, marked ``from_energy``, converged only if its own error
-    estimate says so. (Shooting the rest costs far more than it gains: on the
+    estimate says so; shooting is also tried on the pairs the discrete geodesic
+    could not certify. (Shooting the rest costs far more than it gains: on the
     digits VAE, about 20 times the discrete geodesic per pair, for a third of
     them.) With a warm start, shooting goes first from it. Pairs along which
     the decoder is piecewise linear (ReLU networks:
@@ -168,7 +169,8 @@ def _log_chunk(
         guess, _, _ = energy_log(energy_embed, point[todo], base_point[todo], rtol=energy_rtol)
         end, ok = exp(embed, guess.tangent_vec, base_point[todo], shooting["options"], shooting["regularization"])
         miss = torch.linalg.vector_norm(end - point[todo], dim=-1) / (1 + point[todo].abs().amax(-1))
-        polish_rows = (ok & (miss <= _POLISH_GATE)).nonzero().squeeze(-1)
+        # A pair the discrete geodesic could not certify gets its chance with shooting anyway.
+        polish_rows = (ok & ((miss <= _POLISH_GATE) | ~guess.converged)).nonzero().squeeze(-1)
         polish = dict(shooting, max_iter=min(shooting["max_iter"], _POLISH_ITERATIONS))
     rows = todo[polish_rows]
     polished = shooting_log(embed, point[rows], base_point[rows], guess.tangent_vec[polish_rows], **polish)
