@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .decoders import MetricDecoder
 from .discrete import energy_log
-from .geodesics import LogResult, ODEOptions, exp, shooting_log
+from .geodesics import LogResult, ODEOptions, _default_log_tol, exp, shooting_log
 from .geometry import Embedding, _basis, embedding_jet, regularized
 
 __all__ = ["METHODS", "log_map", "piecewise_linear_pairs"]
@@ -120,6 +120,7 @@ def _log_chunk(
     method: str,
     shooting: dict,
     energy_rtol: float | None,
+    polish: bool = True,
 ) -> LogResult:
     kinked = piecewise_linear_pairs(embed, point, base_point)
     if method == "energy":
@@ -132,7 +133,7 @@ def _log_chunk(
         if len(smooth):
             init = None if initial_tangent_vec is None else initial_tangent_vec[smooth]
             rest = _log_chunk(
-                embed, energy_embed, point[smooth], base_point[smooth], init, "auto", shooting, energy_rtol
+                embed, energy_embed, point[smooth], base_point[smooth], init, "auto", shooting, energy_rtol, polish
             )
             result.n_iterations[smooth] = 0
             _merge(result, smooth, rest, torch.ones_like(rest.converged))
@@ -167,24 +168,29 @@ def _log_chunk(
         # point. Elsewhere Newton spends many long ODE solves to gain nothing: on the
         # digits VAE, 20 s of shooting per pair polished 8 pairs in 30.
         guess, _, _ = energy_log(energy_embed, point[todo], base_point[todo], rtol=energy_rtol)
-        end, ok = exp(embed, guess.tangent_vec, base_point[todo], shooting["options"], shooting["regularization"])
-        miss = torch.linalg.vector_norm(end - point[todo], dim=-1) / (1 + point[todo].abs().amax(-1))
+        if polish:
+            end, ok = exp(embed, guess.tangent_vec, base_point[todo], shooting["options"], shooting["regularization"])
+            miss = torch.linalg.vector_norm(end - point[todo], dim=-1) / (1 + point[todo].abs().amax(-1))
+            near = ok & (miss <= _POLISH_GATE)
+        else:  # distances only: a certified length needs no polish
+            near = torch.zeros_like(guess.converged)
         # A pair the discrete geodesic could not certify gets its chance with shooting anyway.
-        polish_rows = (ok & ((miss <= _POLISH_GATE) | ~guess.converged)).nonzero().squeeze(-1)
+        polish_rows = (near | ~guess.converged).nonzero().squeeze(-1)
         polish = dict(shooting, max_iter=min(shooting["max_iter"], _POLISH_ITERATIONS))
     rows = todo[polish_rows]
-    polished = shooting_log(embed, point[rows], base_point[rows], guess.tangent_vec[polish_rows], **polish)
     if result is None:
         result = LogResult(
             guess.tangent_vec.clone(),
             torch.zeros_like(guess.converged),
             torch.full_like(guess.residual, float("nan")),
             torch.zeros_like(guess.n_iterations),
-            polished.tol,
+            _default_log_tol(point.dtype) if shooting["tol"] is None else shooting["tol"],
             method,
         )
-    better = polished.converged | ~(polished.residual >= result.residual[rows])  # NaN-safe: keep the smaller
-    _merge(result, rows, polished, better)
+    if len(rows):
+        polished = shooting_log(embed, point[rows], base_point[rows], guess.tangent_vec[polish_rows], **polish)
+        better = polished.converged | ~(polished.residual >= result.residual[rows])  # NaN-safe: keep the smaller
+        _merge(result, rows, polished, better)
     if method == "shooting" or result.all_converged:
         return result
     # The discrete geodesic answers where shooting did not converge, if it is certified,
@@ -218,6 +224,7 @@ def log_map(
     energy_rtol: float | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    polish: bool = True,
 ) -> LogResult:
     """Logarithm map of a batch of pairs, by the chosen method.
 
@@ -241,6 +248,12 @@ def log_map(
         Pairs per chunk; all at once if None.
     progress : bool
         Print a progress line on stderr after each chunk.
+    polish : bool
+        ``method="auto"`` only: shoot the pairs whose geodesic from the discrete
+        initial velocity ends near the point (end-point-accurate tangent
+        vectors). False when only lengths are needed (distances): the certified
+        discrete lengths are the answer, and only the pairs they could not
+        certify are shot.
 
     Returns
     -------
@@ -263,7 +276,9 @@ def log_map(
         hi = min(lo + size, n)
         init = None if initial_tangent_vec is None else initial_tangent_vec[lo:hi]
         parts.append(
-            _log_chunk(embed, energy_embed, point[lo:hi], base_point[lo:hi], init, method, shooting, energy_rtol)
+            _log_chunk(
+                embed, energy_embed, point[lo:hi], base_point[lo:hi], init, method, shooting, energy_rtol, polish
+            )
         )
         if progress:
             done = sum(int(p.converged.numel()) for p in parts)

@@ -637,6 +637,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         method: str | None = None,
         chunk_size: int | None = None,
         progress: bool = False,
+        polish: bool = True,
     ) -> LogResult:
         """Logarithm map with a per-pair convergence report; never warns.
 
@@ -651,6 +652,11 @@ class DecoderPullbackMetric(RiemannianMetric):
             Pairs solved at once; default: the space's ``chunk_size``.
         progress : bool
             Print progress on stderr after each chunk.
+        polish : bool
+            ``method="auto"``: False when only the lengths matter (``dist`` and
+            ``pairwise_dists`` pass False): the certified discrete lengths are
+            kept without shooting the pairs near their end point, which costs
+            several times more (see :func:`~pullback_manifold.logarithm.log_map`).
 
         Returns
         -------
@@ -681,6 +687,7 @@ class DecoderPullbackMetric(RiemannianMetric):
             energy_rtol=self.energy_rtol,
             chunk_size=self.chunk_size if chunk_size is None else chunk_size,
             progress=progress,
+            polish=polish,
         )
         return result.reshape(batch)
 
@@ -715,6 +722,10 @@ class DecoderPullbackMetric(RiemannianMetric):
     def squared_dist(self, point_a, point_b):
         """Squared geodesic distance, ``||log_a(b)||^2_G``, differentiable in both points.
 
+        With ``log_method="auto"`` the value is the certified length of the
+        discrete geodesic (``solve_log(..., polish=False)``): a distance needs no
+        end-point-accurate tangent vector.
+
         Gradients (when an input requires them) come from the first variation
         of the energy, not from differentiating the solver: with ``v = log_a(b)``
         and ``u`` the geodesic's velocity on arrival at ``b``,
@@ -733,8 +744,13 @@ class DecoderPullbackMetric(RiemannianMetric):
         a, b = torch.as_tensor(point_a), torch.as_tensor(point_b)
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             return _SquaredDistance.apply(a, b, self)
-        log = self.log(b, a)
-        return self.squared_norm(log, a)
+        if self.log_method != "auto":
+            return self.squared_norm(self.log(b, a), a)
+        # A length needs no end-point-accurate tangent vector: the certified discrete one.
+        result = self.solve_log(b, a, polish=False)
+        n_kinked = int((result.piecewise_linear & ~result.converged).sum())
+        self._report(result.n_failed, result.converged.numel(), "dist", n_kinked)
+        return self.squared_norm(result.tangent_vec, a)
 
     def dist(self, point_a, point_b):
         """Geodesic distance.

@@ -143,3 +143,29 @@ def test_error_estimate_sees_chords_that_jump_a_wall():
     assert _extrapolate([level[0] for level in levels])[1].item() == 0.0  # the chords alone: "exact"
     _, error = _certify(levels, smooth=True)
     assert error.item() > 0.1
+
+
+def test_distances_skip_the_shooting_polish():
+    """dist and pairwise_dists take the certified discrete lengths: no ODE solve at all when
+    every pair is certified, and the same lengths as the polished logs to the certified accuracy."""
+    import pullback_manifold.logarithm as logarithm
+
+    space = PullbackManifold(inverse_stereographic, dim=2)
+    g = torch.Generator().manual_seed(3)
+    z0, z1 = sample_cap(6, 1.0, g), sample_cap(6, 1.0, g)
+    polished = space.metric.solve_log(z1, z0)
+    truth = great_circle(inverse_stereographic(z0), inverse_stereographic(z1))
+
+    def no_ode(*args, **kwargs):
+        raise AssertionError("a distance ran the shooting polish")
+
+    original = (logarithm.exp, logarithm.shooting_log)
+    logarithm.exp, logarithm.shooting_log = no_ode, no_ode
+    try:
+        dist = space.metric.dist(z0, z1)
+        pairwise = space.metric.dist_pairwise(torch.cat([z0[:3], z1[:3]]))
+    finally:
+        logarithm.exp, logarithm.shooting_log = original
+    assert ((dist - truth).abs() / truth <= 1e-5).all()
+    torch.testing.assert_close(dist, space.metric.norm(polished.tangent_vec, z0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(pairwise[:3, 3:].diagonal(), dist[:3], rtol=1e-12, atol=0)
