@@ -873,9 +873,19 @@ class _SquaredDistance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, point_a, point_b, metric):
         (b, a), batch = metric._prepare("point_a", True, point_b=point_b, point_a=point_a)
-        v = metric.log_solver.log(b, a)  # warns/raises per on_failure
+        result = metric.solve_log(b, a)
+        n_kinked = int((result.piecewise_linear & ~result.converged).sum())
+        metric._report(result.n_failed, result.converged.numel(), "squared_dist", n_kinked)
+        v = result.tangent_vec
         G_a = geometry.metric_matrix(metric._embed, a, metric.regularization)
         _, arrival, ok = geodesic_flow(metric._embed, v, a, metric.ode_options, metric.regularization)
+        # An energy answer's velocity is approximate and the ODE from it drifts (sigma walls):
+        # the arrival velocity is minus the velocity of the reversed discrete geodesic.
+        rows = result.from_energy.nonzero().squeeze(-1)
+        if len(rows):
+            reverse = metric.solve_log(a[rows], b[rows], method="energy")
+            arrival[rows] = -reverse.tangent_vec
+            ok[rows] = torch.isfinite(reverse.tangent_vec).all(-1)
         G_b = geometry.metric_matrix(metric._embed, b, metric.regularization)
         grad_a = -2 * (G_a @ v.unsqueeze(-1)).squeeze(-1)
         grad_b = _nan_rows(2 * (G_b @ arrival.unsqueeze(-1)).squeeze(-1), ok)
