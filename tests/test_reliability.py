@@ -443,14 +443,12 @@ def test_log_without_a_solution_is_flagged_in_bounded_work():
     m = PullbackManifold(decoder, dim=2, **kwargs).metric
     z0 = torch.zeros(2, 2, dtype=F64)
     z1 = torch.tensor([[0.0, 3.5], [0.2, 1.0]], dtype=F64)
-    start = time.perf_counter()
     report = m.solve_log(z1, z0)
-    elapsed = time.perf_counter() - start
     assert report.converged.tolist() == [False, True], report.summary()
     chord = (polar(z1[1:]) - polar(z0[1:])).norm()
     torch.testing.assert_close(m.norm(report.tangent_vec[1], z0[1]), chord, rtol=1e-7, atol=0)
-    assert elapsed < 30, elapsed
-    # the per-call work is bounded by the caps (each Newton iteration: a few capped solves)
+    # The work is bounded by the caps (each Newton iteration: a few capped solves). Counted
+    # in decoder calls (2454 measured), not seconds: wall time depends on the machine's load.
     assert len(decoder.sizes) < 5000, len(decoder.sizes)
     with pytest.warns(ConvergenceWarning, match="log: 1 of 1 pairs did not converge"):
         m.log(z1[0], z0[0])
