@@ -232,8 +232,11 @@ def load_digits_data() -> tuple[Tensor, Tensor]:
 def digits_vae(seed: int = 0, latent_dim: int = 2) -> DigitsVAE:
     """Train a VAE on scikit-learn's digits and fit its RBF-precision ``sigma``; cached per process.
 
-    Takes about ten seconds on one CPU core, deterministically given ``seed``.
-    The same object is returned to every caller with the same arguments: do
+    Takes about ten seconds on one CPU core, deterministically given ``seed``
+    and torch's thread count: float32 reductions are summed in an order that
+    depends on the threads, and 200 epochs amplify the last-bit differences
+    into a visibly different model (fix ``torch.set_num_threads`` to compare
+    runs). The same object is returned to every caller with the same arguments: do
     not modify it.
 
     Parameters
