@@ -235,7 +235,8 @@ def digits_vae(seed: int = 0, latent_dim: int = 2) -> DigitsVAE:
     Takes about ten seconds on one CPU core, deterministically given ``seed``
     and torch's thread count: float32 reductions are summed in an order that
     depends on the threads, and 200 epochs amplify the last-bit differences
-    into a visibly different model (fix ``torch.set_num_threads`` to compare
+    into a measurably different model (geodesic lengths 1e-3 apart between one
+    and two threads; fix ``torch.set_num_threads`` to compare
     runs). The same object is returned to every caller with the same arguments: do
     not modify it.
 
