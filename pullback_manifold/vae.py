@@ -232,13 +232,13 @@ def load_digits_data() -> tuple[Tensor, Tensor]:
 def digits_vae(seed: int = 0, latent_dim: int = 2) -> DigitsVAE:
     """Train a VAE on scikit-learn's digits and fit its RBF-precision ``sigma``; cached per process.
 
-    Takes about ten seconds on one CPU core, deterministically given ``seed``
-    and torch's thread count: float32 reductions are summed in an order that
-    depends on the threads, and 200 epochs amplify the last-bit differences
-    into a measurably different model (geodesic lengths 1e-3 apart between one
-    and two threads; fix ``torch.set_num_threads`` to compare
-    runs). The same object is returned to every caller with the same arguments: do
-    not modify it.
+    Takes about ten seconds on one CPU core. Deterministic given ``seed`` and
+    torch's threading setup: float32 sums are ordered by the threads, and 200
+    epochs amplify last-bit differences (measured: runs started under
+    ``OMP_NUM_THREADS=1`` and runs calling ``torch.set_num_threads(1)`` after
+    import trained models whose geodesic lengths differ by 1e-3). Fix the
+    threading the same way to compare runs. The same object is returned to
+    every caller with the same arguments: do not modify it.
 
     Parameters
     ----------
