@@ -310,10 +310,24 @@ def _polygon_length(embed, curve: Tensor) -> Tensor:
 
 
 def _level_lengths(embed, curve: Tensor, cross_check: bool) -> Tensor:
-    """``(2, n)``: the decoded chord length (what the energy sees) and the polygon's
-    quadrature length; ``(1, n)`` without the cross-check."""
+    """``(n, 2)``: the decoded chord length (what the energy sees) and the polygon's
+    quadrature length; ``(n, 1)`` without the cross-check."""
     chord = curve_length(embed, curve)
-    return torch.stack([chord, _polygon_length(embed, curve)]) if cross_check else chord[None]
+    return torch.stack([chord, _polygon_length(embed, curve)], -1) if cross_check else chord[:, None]
+
+
+def _advance(window: list[Tensor], rows: Tensor, new: Tensor, size: int) -> list[Tensor]:
+    """The last ``size`` levels (per-pair values, pairs first) after ``rows`` moved one level
+    finer, to ``new``. The other pairs keep theirs (their last level repeated while the
+    window fills up: their results are final, and only moved rows are read again)."""
+    out = [level.clone() for level in window]
+    if len(out) < size:
+        out.append(out[-1].clone())
+    else:
+        for older, newer in zip(out, out[1:]):
+            older[rows] = newer[rows]
+    out[-1][rows] = new
+    return out
 
 
 def _certify(lengths: list[Tensor], smooth: bool) -> tuple[Tensor, Tensor]:
@@ -329,10 +343,10 @@ def _certify(lengths: list[Tensor], smooth: bool) -> tuple[Tensor, Tensor]:
     thin region of large metric (a sigma wall) at every level so far, where the
     chord lengths alone can look converged.
     """
-    length, error = _extrapolate([level[0] for level in lengths], smooth)
-    if lengths[-1].shape[0] == 1 or not smooth:
+    length, error = _extrapolate([level[:, 0] for level in lengths], smooth)
+    if lengths[-1].shape[1] == 1 or not smooth:
         return length, error
-    upper, _ = _extrapolate([level[1] for level in lengths], smooth)
+    upper, _ = _extrapolate([level[:, 1] for level in lengths], smooth)
     tiny = torch.finfo(length.dtype).tiny
     cross = (upper - length).abs() / length.clamp_min(tiny)
     # With two levels only, ``error`` is that of the raw finer length: no regime argument.
@@ -422,7 +436,8 @@ def energy_log(
         directions.append(_initial_direction(curve))
     length, error = _certify(lengths, smooth)
     # The estimate is trusted when the optimizer converged at the levels it compares.
-    ok = torch.stack(oks[-3:]).all(0)
+    lengths, oks, directions = lengths[-3:], oks[-3:], directions[-2:]
+    ok = torch.stack(oks).all(0)
     n_levels = torch.full((len(point),), n_refinements + 1, dtype=torch.long, device=point.device)
     for _ in range(max_refinements - n_refinements):
         todo = (torch.isfinite(length) & ~(ok & (error <= rtol))).nonzero().squeeze(-1)
@@ -431,15 +446,10 @@ def energy_log(
         finer, ok_finer = discrete_geodesic(
             embed, point[todo], base_point[todo], max_iter=max_iter, initial_curve=_refine(curve[todo]), smooth=smooth
         )
-        # Only the refined pairs get a new level (the others' values are final).
-        lengths = [level.clone() for level in lengths[-2:]] + [lengths[-1].clone()]
-        lengths[-1][:, todo] = _level_lengths(embed, finer, cross_check)
-        oks = [level.clone() for level in oks[-2:]] + [oks[-1].clone()]
-        oks[-1][todo] = ok_finer
-        directions = [directions[-2].clone(), directions[-1].clone()]
-        directions[0][todo] = directions[1][todo]
-        directions[1][todo] = _initial_direction(finer)
-        length[todo], error[todo] = _certify([level[:, todo] for level in lengths], smooth)
+        lengths = _advance(lengths, todo, _level_lengths(embed, finer, cross_check), 3)
+        oks = _advance(oks, todo, ok_finer, 3)
+        directions = _advance(directions, todo, _initial_direction(finer), 2)
+        length[todo], error[todo] = _certify([level[todo] for level in lengths], smooth)
         ok[todo] = torch.stack([level[todo] for level in oks]).all(0)
         n_levels[todo] += 1
         curve = _refine(curve)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from .decoders import MetricDecoder
+from .decoders import MetricDecoder, _concatenate, _flatten_jet
 from .jets import Jet, propagate, stacked_gram
 
 # A map whose pull-back is the metric, or a MetricDecoder giving the metric directly.
@@ -92,16 +92,9 @@ class _RegularizedEmbedding:
         return torch.cat([out.reshape(len(z), -1), self.scale * z], dim=-1)
 
     def jet(self, jet: Jet) -> Jet:
-        out = propagate(self.embed, jet)
-        n = len(jet.value)
-        lead = out.first.shape[0]
-        value = torch.cat([out.value.reshape(n, -1), self.scale * jet.value], -1)
-        first = torch.cat([out.first.reshape(lead, n, -1), self.scale * jet.first], -1)
-        second = None
-        if out.second is not None:
-            shape = (len(out.second), n, -1) if out.many_pairs else (n, -1)
-            second = torch.cat([out.second.reshape(shape), self.scale * jet.second], -1)
-        return out.replace(value, first, second)
+        out = _flatten_jet(propagate(self.embed, jet), jet.value, "decoder")
+        second = None if jet.second is None else self.scale * jet.second
+        return _concatenate([out, jet.replace(self.scale * jet.value, self.scale * jet.first, second)], 1.0)
 
 
 class _RegularizedMetric(MetricDecoder):

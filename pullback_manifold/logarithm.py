@@ -169,14 +169,17 @@ def _log_chunk(
         # digits VAE, shooting all 30 pairs of a batch took 200 s and polished 8; their
         # discrete geodesics took 7 s.
         guess, _, _ = energy_log(energy_embed, point[todo], base_point[todo], rtol=energy_rtol)
-        if polish:
-            end, ok = exp(embed, guess.tangent_vec, base_point[todo], shooting["options"], shooting["regularization"])
-            miss = torch.linalg.vector_norm(end - point[todo], dim=-1) / (1 + point[todo].abs().amax(-1))
-            near = ok & (miss <= _POLISH_GATE)
-        else:  # distances only: a certified length needs no polish
-            near = torch.zeros_like(guess.converged)
-        # A pair the discrete geodesic could not certify gets its chance with shooting anyway.
-        polish_rows = (near | ~guess.converged).nonzero().squeeze(-1)
+        # A pair the discrete geodesic could not certify gets its chance with shooting anyway;
+        # a certified one, if polishing it pays (distances only: it never does).
+        to_polish = ~guess.converged
+        certified = guess.converged.nonzero().squeeze(-1)
+        if polish and len(certified):
+            rows = todo[certified]
+            velocity = guess.tangent_vec[certified]
+            end, ok = exp(embed, velocity, base_point[rows], shooting["options"], shooting["regularization"])
+            miss = torch.linalg.vector_norm(end - point[rows], dim=-1) / (1 + point[rows].abs().amax(-1))
+            to_polish[certified] = ok & (miss <= _POLISH_GATE)
+        polish_rows = to_polish.nonzero().squeeze(-1)
         polish_options = dict(shooting, max_iter=min(shooting["max_iter"], _POLISH_ITERATIONS))
     rows = todo[polish_rows]
     if result is None:

@@ -691,6 +691,13 @@ class DecoderPullbackMetric(RiemannianMetric):
         )
         return result.reshape(batch)
 
+    def _reported_log(self, point, base_point, what: str, **kwargs) -> LogResult:
+        """:meth:`solve_log`, then warn or raise per ``on_failure`` under the name ``what``."""
+        result = self.solve_log(point, base_point, **kwargs)
+        n_kinked = int((result.piecewise_linear & ~result.converged).sum())
+        self._report(result.n_failed, result.converged.numel(), what, n_kinked)
+        return result
+
     def geodesic_from_log(self, result: LogResult, point, base_point):
         """The geodesics of a :meth:`DecoderPullbackMetric.solve_log` result, without solving again.
 
@@ -747,10 +754,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         if self.log_method != "auto":
             return self.squared_norm(self.log(b, a), a)
         # A length needs no end-point-accurate tangent vector: the certified discrete one.
-        result = self.solve_log(b, a, polish=False)
-        n_kinked = int((result.piecewise_linear & ~result.converged).sum())
-        self._report(result.n_failed, result.converged.numel(), "dist", n_kinked)
-        return self.squared_norm(result.tangent_vec, a)
+        return self.squared_norm(self._reported_log(b, a, "dist", polish=False).tangent_vec, a)
 
     def dist(self, point_a, point_b):
         """Geodesic distance.
@@ -873,19 +877,23 @@ class _SquaredDistance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, point_a, point_b, metric):
         (b, a), batch = metric._prepare("point_a", True, point_b=point_b, point_a=point_a)
-        result = metric.solve_log(b, a)
-        n_kinked = int((result.piecewise_linear & ~result.converged).sum())
-        metric._report(result.n_failed, result.converged.numel(), "squared_dist", n_kinked)
+        result = metric._reported_log(b, a, "squared_dist")
         v = result.tangent_vec
         G_a = geometry.metric_matrix(metric._embed, a, metric.regularization)
-        _, arrival, ok = geodesic_flow(metric._embed, v, a, metric.ode_options, metric.regularization)
-        # An energy answer's velocity is approximate and the ODE from it drifts (sigma walls):
-        # the arrival velocity is minus the velocity of the reversed discrete geodesic.
-        rows = result.from_energy.nonzero().squeeze(-1)
-        if len(rows):
-            reverse = metric.solve_log(a[rows], b[rows], method="energy")
-            arrival[rows] = -reverse.tangent_vec
-            ok[rows] = torch.isfinite(reverse.tangent_vec).all(-1)
+        arrival = torch.empty_like(v)
+        ok = torch.ones(len(v), dtype=torch.bool, device=v.device)
+        # Shooting answers: the ODE's velocity at t = 1. An energy answer's velocity is
+        # approximate and the ODE from it drifts (sigma walls): minus the velocity of the
+        # reversed discrete geodesic.
+        shot = (~result.from_energy).nonzero().squeeze(-1)
+        if len(shot):
+            _, arrival[shot], ok[shot] = geodesic_flow(
+                metric._embed, v[shot], a[shot], metric.ode_options, metric.regularization
+            )
+        answered = result.from_energy.nonzero().squeeze(-1)
+        if len(answered):
+            reverse = metric.solve_log(a[answered], b[answered], method="energy").tangent_vec
+            arrival[answered], ok[answered] = -reverse, torch.isfinite(reverse).all(-1)
         G_b = geometry.metric_matrix(metric._embed, b, metric.regularization)
         grad_a = -2 * (G_a @ v.unsqueeze(-1)).squeeze(-1)
         grad_b = _nan_rows(2 * (G_b @ arrival.unsqueeze(-1)).squeeze(-1), ok)
@@ -945,6 +953,7 @@ def _geodesic_paths(m: DecoderPullbackMetric, z1: Tensor, z0: Tensor, result: Lo
         kinked = result.piecewise_linear.reshape(-1)
         by_ode = ~kinked & ~result.from_energy.reshape(-1)
     curves = []
+    energy_embed = geometry.regularized(m._embed, m.regularization)
     if by_ode.any():
         rows = by_ode.nonzero().squeeze(-1)
         curves.append((rows, None, result.tangent_vec.reshape(-1, m.dim)[rows]))
@@ -952,10 +961,10 @@ def _geodesic_paths(m: DecoderPullbackMetric, z1: Tensor, z0: Tensor, result: Lo
         rows = ((kinked == is_kinked) & ~by_ode).nonzero().squeeze(-1)
         if len(rows) == 0:
             continue
-        energy_embed = geometry.regularized(m._embed, m.regularization)
         energy, curve, _ = energy_log(energy_embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_kinked)
         if result is None:
-            m._report(energy.n_failed, energy.converged.numel(), "geodesic (energy method)", int(is_kinked) * energy.n_failed)
+            n_kinked = int(is_kinked) * energy.n_failed
+            m._report(energy.n_failed, energy.converged.numel(), "geodesic (energy method)", n_kinked)
         curves.append((rows, curve, arc_length_times(energy_embed, curve)))
 
     def path(t):
@@ -1007,10 +1016,7 @@ class ShootingLogSolver(LogSolver):
     def log(self, point, base_point):
         """Initial velocity of the geodesic from ``base_point`` to ``point``, shape ``(..., d)``."""
         guess = self._initial_guess(point, base_point)
-        result = self.metric.solve_log(point, base_point, initial_tangent_vec=guess)
-        self.metric._report(
-            result.n_failed, result.converged.numel(), "log", int((result.piecewise_linear & ~result.converged).sum())
-        )
+        result = self.metric._reported_log(point, base_point, "log", initial_tangent_vec=guess)
         if self.warm_start and isinstance(point, Tensor) and isinstance(base_point, Tensor):
             ok = result.converged.unsqueeze(-1)
             vec = torch.where(ok, result.tangent_vec, point - base_point)

@@ -98,10 +98,10 @@ def pairwise_dists(space, points_a, points_b=None, *, chunk_size: int | None = N
     if len(rows):
         base, end = a[rows], b[cols]
         if isinstance(metric, DecoderPullbackMetric):
-            result = metric.solve_log(end, base, chunk_size=chunk_size, progress=progress, polish=False)
-            n_kinked = int((result.piecewise_linear & ~result.converged).sum())
             # The same report, and on_failure policy, as metric.dist: values are kept.
-            metric._report(result.n_failed, len(rows), "pairwise_dists", n_kinked)
+            result = metric._reported_log(
+                end, base, "pairwise_dists", chunk_size=chunk_size, progress=progress, polish=False
+            )
             values = metric.norm(result.tangent_vec, base)
         else:
             values = torch.as_tensor(metric.dist(base, end), dtype=dtype, device=a.device)

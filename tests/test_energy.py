@@ -116,8 +116,8 @@ def test_bad_method_names_are_refused():
 
 
 def _levels(chord_limit, chord_c, quad_limit, quad_c, sizes=(16, 32, 64)):
-    """Per-level ``(2, 1)`` lengths of an O(h^2) chord and quadrature sequence."""
-    return [torch.tensor([[chord_limit - chord_c / N**2], [quad_limit + quad_c / N**2]], dtype=F64) for N in sizes]
+    """Per-level ``(1, 2)`` lengths (one pair) of an O(h^2) chord and quadrature sequence."""
+    return [torch.tensor([[chord_limit - chord_c / N**2, quad_limit + quad_c / N**2]], dtype=F64) for N in sizes]
 
 
 def test_error_estimate_bounds_the_error_of_a_regular_sequence():
@@ -125,7 +125,7 @@ def test_error_estimate_bounds_the_error_of_a_regular_sequence():
 
     # chords from below, the polygon's length from above, both O(h^2) with an h^4 term
     levels = [
-        torch.tensor([[5.0 - 3.0 / N**2 - 40.0 / N**4], [5.0 + 2.0 / N**2 + 30.0 / N**4]], dtype=F64)
+        torch.tensor([[5.0 - 3.0 / N**2 - 40.0 / N**4, 5.0 + 2.0 / N**2 + 30.0 / N**4]], dtype=F64)
         for N in (16, 32, 64)
     ]
     length, error = _certify(levels, smooth=True)
@@ -140,7 +140,7 @@ def test_error_estimate_sees_chords_that_jump_a_wall():
     from pullback_manifold.discrete import _certify, _extrapolate
 
     levels = _levels(10.0, 0.0, 10.4, 30.0)
-    assert _extrapolate([level[0] for level in levels])[1].item() == 0.0  # the chords alone: "exact"
+    assert _extrapolate([level[:, 0] for level in levels])[1].item() == 0.0  # the chords alone: "exact"
     _, error = _certify(levels, smooth=True)
     assert error.item() > 0.1
 
