@@ -107,6 +107,20 @@ def test_chunked_log_equals_one_batch_and_reports_progress(capsys):
     assert "5/5 pairs" in capsys.readouterr().err
 
 
+def test_decoder_passes_in_node_chunks_change_nothing(monkeypatch):
+    """The energy method evaluates the decoder over chunks of nodes (memory traffic); the
+    chunk boundaries fall inside curves and must not change a single node."""
+    import pullback_manifold.discrete as discrete
+
+    g = torch.Generator().manual_seed(5)
+    z0, z1 = sample_cap(3, 1.0, g), sample_cap(3, 1.0, g)
+    whole, whole_curve, _ = discrete.energy_log(inverse_stereographic, z1, z0)
+    monkeypatch.setattr(discrete, "_NODE_CHUNK", 7)  # 17-node polygons: chunks split every curve
+    chunked, chunked_curve, _ = discrete.energy_log(inverse_stereographic, z1, z0)
+    torch.testing.assert_close(chunked_curve, whole_curve, rtol=0, atol=1e-12)
+    torch.testing.assert_close(chunked.tangent_vec, whole.tangent_vec, rtol=0, atol=1e-12)
+
+
 def test_bad_method_names_are_refused():
     with pytest.raises(ValueError, match="log_method"):
         PullbackManifold(fold, dim=2, log_method="newton")
