@@ -121,6 +121,25 @@ def test_decoder_passes_in_node_chunks_change_nothing(monkeypatch):
     torch.testing.assert_close(chunked.tangent_vec, whole.tangent_vec, rtol=0, atol=1e-12)
 
 
+def test_refinement_midpoints_are_cubic():
+    """The first guess at 2N segments interpolates the N-segment nodes by cubics (quadratics
+    at the ends): exact on polynomial curves of those degrees, so a smooth discrete geodesic
+    is prolonged with an O(h^4) error."""
+    from pullback_manifold.discrete import _refine_cubic
+
+    def cubic(t):
+        return torch.stack([t**3 - t, 2 * t**2 + t], -1)
+
+    def quadratic(t):
+        return torch.stack([3 * t**2 - t, 1 - t**2], -1)
+
+    coarse, fine = torch.linspace(0, 1, 7, dtype=F64), torch.linspace(0, 1, 13, dtype=F64)
+    torch.testing.assert_close(_refine_cubic(quadratic(coarse)[None])[0], quadratic(fine), rtol=0, atol=1e-14)
+    refined = _refine_cubic(cubic(coarse)[None])[0]
+    torch.testing.assert_close(refined[2:-2], cubic(fine)[2:-2], rtol=0, atol=1e-14)
+    assert (refined[1] - cubic(fine)[1]).abs().max() > 1e-4  # the end formula is only quadratic
+
+
 def test_bad_method_names_are_refused():
     with pytest.raises(ValueError, match="log_method"):
         PullbackManifold(fold, dim=2, log_method="newton")
