@@ -31,6 +31,7 @@ from torch import Tensor
 from .block_tridiagonal import solve_block_tridiagonal
 from .decoders import MetricDecoder
 from .geodesics import LogResult
+from .graph_start import shortest_path_start
 from .geometry import Embedding, _squared_speeds, curve_energy, curve_length, embedding_jet, metric_matrix
 
 __all__ = ["discrete_geodesic", "energy_log", "interpolate_curve", "arc_length_times"]
@@ -412,6 +413,8 @@ def energy_log(
     max_iter: int = 50,
     smooth: bool = True,
     max_refinements: int | None = None,
+    initial_curve: Tensor | None = None,
+    global_start: bool = True,
 ):
     """Logarithm map from discrete geodesics, with a discretization-error estimate.
 
@@ -473,14 +476,37 @@ def energy_log(
     if max_refinements is None:
         max_refinements = n_refinements + 3 if smooth else n_refinements
     cross_check = smooth and not isinstance(embed, MetricDecoder)
-    curve, ok = discrete_geodesic(embed, point, base_point, n_segments, max_iter, smooth=smooth)
+    n = len(point)
+    runners_up = torch.zeros(0, dtype=torch.long, device=point.device)
+    if initial_curve is not None:
+        n_segments = initial_curve.shape[1] - 1
+    elif global_start and smooth:
+        initial_curve, from_graph = shortest_path_start(embed, point, base_point, n_segments)
+        # Where the grid route won, the straight line runs too, as far as the second level.
+        runners_up = from_graph.nonzero().squeeze(-1)
+        initial_curve = torch.cat([initial_curve, _straight_curve(point, base_point, n_segments)[runners_up]])
+    both = torch.cat([torch.arange(n, device=point.device), runners_up])
+    curve, ok = discrete_geodesic(
+        embed, point[both], base_point[both], n_segments, max_iter, initial_curve=initial_curve, smooth=smooth
+    )
     lengths, oks, directions = [_level_lengths(embed, curve, cross_check)], [ok], [_initial_direction(curve)]
     for _ in range(n_refinements):
         guess = _refine_cubic(curve) if smooth else _refine(curve)
-        curve, ok = discrete_geodesic(embed, point, base_point, max_iter=max_iter, initial_curve=guess, smooth=smooth)
+        curve, ok = discrete_geodesic(
+            embed, point[both], base_point[both], max_iter=max_iter, initial_curve=guess, smooth=smooth
+        )
         lengths.append(_level_lengths(embed, curve, cross_check))
         oks.append(ok)
         directions.append(_initial_direction(curve))
+        if len(both) > n:
+            # Each pair goes on from the start whose second-level polygon is shorter (its own
+            # length, an upper bound on its geodesic's, where there is a cross-check).
+            measure = lengths[-1][:, -1]
+            alternative = torch.arange(n, len(both), device=point.device)
+            pick = torch.arange(n, device=point.device)
+            pick[runners_up] = torch.where(measure[alternative] < measure[runners_up], alternative, runners_up)
+            lengths, oks, directions = ([level[pick] for level in window] for window in (lengths, oks, directions))
+            curve, both = curve[pick], both[:n]
     length, error = _certify(lengths, smooth)
     # The estimate is trusted when the optimizer converged at the levels it compares.
     lengths, oks, directions = lengths[-3:], oks[-3:], directions[-2:]

@@ -1,0 +1,202 @@
+r"""First guesses for discrete geodesics from shortest paths on a latent grid.
+
+The energy method refines a polygon to the geodesic nearest to where it starts.
+From the straight line that is often not the shortest one: on the digits VAE
+with its expected metric, 20 of 200 random pairs ended on a geodesic 0.1-27%
+longer than one found from another start, each certified by its own error
+estimate (a local minimum of length is a geodesic too). Which side of a
+high-metric region a geodesic passes is a global question; a graph answers it.
+
+For a latent space of dimension ``d <= 3`` a regular grid over the end points'
+bounding box (grown by a quarter on every side) is weighted by decoded lengths:
+each edge is the decoded polygon through its points at quarters, so a thin
+sigma wall between two grid nodes is not jumped. Dijkstra's algorithm
+(:func:`scipy.sparse.csgraph.dijkstra`, one run per distinct base grid node)
+gives every pair a route, and the route becomes a polygon at uniform decoded
+arc length. Each pair then starts from the shorter (decoded length) of that
+polygon and the straight line. Above ``d = 3`` the grid grows too fast; the
+straight line is used.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import dijkstra
+from torch import Tensor
+
+from .geometry import Embedding, curve_length
+
+__all__ = ["shortest_path_start"]
+
+# Grid nodes per axis, by latent dimension; edges to every node within two steps
+# along each axis whose step is primitive (16 directions in 2-D, 98 in 3-D), so
+# graph paths turn at angles of ~27 degrees, not 45.
+_GRID = {2: 64, 3: 14}
+_EDGE_SUBDIVISIONS = 4
+# Dijkstra runs per call of scipy (memory: sources x grid nodes distances).
+_SOURCES_PER_CALL = 256
+
+
+def _decoded_lengths(embed: Embedding, polygons: Tensor) -> Tensor:
+    """Decoded lengths of polygons ``(n, k, d)`` in chunks (one decoder pass per chunk)."""
+    chunk = max(1, 8192 // polygons.shape[1])
+    return torch.cat([curve_length(embed, part) for part in polygons.split(chunk)])
+
+
+def _grid(point: Tensor, base_point: Tensor, size: int) -> tuple[Tensor, float]:
+    """Nodes ``(size**d, d)`` of a regular grid over the end points' box, grown by a quarter, and the spacing."""
+    ends = torch.cat([point, base_point])
+    low, high = ends.amin(0), ends.amax(0)
+    half = 0.75 * (high - low).amax().clamp_min(1e-3 * (1 + ends.abs().max()))
+    centre = 0.5 * (low + high)
+    axis = torch.linspace(-1, 1, size, dtype=point.dtype, device=point.device)
+    mesh = torch.stack(torch.meshgrid(*[axis] * point.shape[-1], indexing="ij"), -1).reshape(-1, point.shape[-1])
+    return centre + half * mesh, float(2 * half / (size - 1))
+
+
+def _edges(size: int, d: int) -> np.ndarray:
+    """``(E, 2)`` node index pairs of the grid's edges (each once)."""
+    offsets = [
+        o
+        for o in itertools.product(range(-2, 3), repeat=d)
+        if any(o) and math.gcd(*map(abs, o)) == 1 and o > tuple([0] * d)  # one of each +-pair
+    ]
+    index = np.arange(size**d).reshape((size,) * d)
+    pairs = []
+    for offset in offsets:
+        src = tuple(slice(max(0, -o), size - max(0, o)) for o in offset)
+        dst = tuple(slice(max(0, o), size - max(0, -o)) for o in offset)
+        pairs.append(np.stack([index[src].ravel(), index[dst].ravel()], -1))
+    return np.concatenate(pairs)
+
+
+def _route_polygons(
+    nodes: Tensor, predecessors: np.ndarray, rows: np.ndarray, source: np.ndarray, target: np.ndarray
+) -> Tensor:
+    """Grid routes ``source -> target`` ``(n, L, d)``; shorter routes repeat their source node."""
+    current = target.copy()
+    steps = [current.copy()]
+    while True:
+        moving = current != source
+        if not moving.any():
+            break
+        current = np.where(moving, predecessors[rows, current], current)
+        steps.append(current.copy())
+    route = np.stack(steps[::-1], 1)  # source first; pairs with shorter routes repeat the source
+    return nodes[torch.as_tensor(route, device=nodes.device)]
+
+
+def _resample(polygon: Tensor, cumulative: Tensor, n_segments: int) -> Tensor:
+    """Points of polygons ``(n, L, d)`` at uniform fractions of the cumulative lengths ``(n, L)``."""
+    total = cumulative[:, -1:].clamp_min(torch.finfo(polygon.dtype).tiny)
+    fraction = cumulative / total
+    targets = torch.linspace(0, 1, n_segments + 1, dtype=polygon.dtype, device=polygon.device)
+    targets = targets.expand(len(polygon), -1).contiguous()
+    right = torch.searchsorted(fraction.contiguous(), targets, right=True).clamp(1, polygon.shape[1] - 1)
+    left = right - 1
+    f_left, f_right = fraction.gather(1, left), fraction.gather(1, right)
+    width = f_right - f_left
+    weight = torch.where(width > 0, (targets - f_left) / width.clamp_min(torch.finfo(polygon.dtype).tiny), 0.0)
+    d = polygon.shape[-1]
+    p_left = polygon.gather(1, left[..., None].expand(-1, -1, d))
+    p_right = polygon.gather(1, right[..., None].expand(-1, -1, d))
+    out = p_left + weight.clamp(0, 1)[..., None] * (p_right - p_left)
+    out[:, 0], out[:, -1] = polygon[:, 0], polygon[:, -1]
+    return out
+
+
+@torch.no_grad()
+def shortest_path_start(
+    embed: Embedding, point: Tensor, base_point: Tensor, n_segments: int
+) -> tuple[Tensor, Tensor]:
+    """Polygons to start the energy method from: the straight line or a grid shortest path.
+
+    Parameters
+    ----------
+    embed : callable ``(m, d) -> (m, D)``, or a MetricDecoder
+    point, base_point : Tensor, shape=[n, d]
+    n_segments : int
+
+    Returns
+    -------
+    curve : Tensor, shape=[n, n_segments + 1, d]
+        Per pair, whichever is shorter after decoding: the straight segment,
+        or the grid's shortest route between the grid nodes nearest to the
+        end points, joined to them, at uniform decoded arc length. The
+        straight segment for ``d`` not in ``(2, 3)``.
+    from_graph : Tensor, shape=[n], bool
+        Where ``curve`` is the grid route (the straight line is then the runner-up).
+    """
+    n, d = point.shape
+    t = torch.linspace(0, 1, n_segments + 1, dtype=point.dtype, device=point.device)[:, None]
+    straight = base_point[:, None] + t * (point - base_point)[:, None]
+    from_graph = torch.zeros(n, dtype=torch.bool, device=point.device)
+    if d not in _GRID or n == 0:
+        return straight, from_graph
+    size = _GRID[d]
+    nodes, spacing = _grid(point, base_point, size)
+    edges = _edges(size, d)
+    quarters = torch.linspace(0, 1, _EDGE_SUBDIVISIONS + 1, dtype=point.dtype, device=point.device)[:, None]
+    a, b = nodes[torch.as_tensor(edges[:, 0])], nodes[torch.as_tensor(edges[:, 1])]
+    weights = _decoded_lengths(embed, a[:, None] + quarters * (b - a)[:, None]).cpu().numpy()
+    usable = np.isfinite(weights)
+    m = len(nodes)
+    graph = coo_matrix((weights[usable], (edges[usable, 0], edges[usable, 1])), shape=(m, m)).tocsr()
+
+    # Nearest grid nodes of the end points (regular grid: rounding).
+    low = nodes[0]
+
+    def nearest(z: Tensor) -> np.ndarray:
+        cell = ((z - low) / spacing).round().clamp(0, size - 1).long().cpu().numpy()
+        return np.ravel_multi_index(tuple(cell.T), (size,) * d)
+
+    source, target = nearest(base_point), nearest(point)
+    sources, source_row = np.unique(source, return_inverse=True)
+    distances = np.empty((n,))
+    predecessors = np.empty((len(sources), m), dtype=np.int64)
+    for lo in range(0, len(sources), _SOURCES_PER_CALL):
+        block = sources[lo : lo + _SOURCES_PER_CALL]
+        dist, pred = dijkstra(graph, directed=False, indices=block, return_predecessors=True)
+        predecessors[lo : lo + len(block)] = pred
+        in_block = (source_row >= lo) & (source_row < lo + len(block))
+        distances[in_block] = dist[source_row[in_block] - lo, target[in_block]]
+    reachable = np.isfinite(distances) & (source != target)
+    if not reachable.any():
+        return straight, from_graph
+    rows = np.nonzero(reachable)[0]
+    route = _route_polygons(nodes, predecessors, source_row[rows], source[rows], target[rows])
+    keep = torch.as_tensor(rows, device=point.device)
+    polygon = torch.cat([base_point[keep, None], route, point[keep, None]], 1)
+    steps = _segment_lengths(embed, polygon)  # repeated nodes add zero
+    cumulative = torch.cat([torch.zeros_like(steps[:, :1]), steps.cumsum(1)], 1)
+    candidate = _resample(polygon, cumulative, n_segments)
+    fine = 4  # compare the two starts on polygons four times finer than the ones returned
+    better = _decoded_lengths(embed, _subdivide(candidate, fine)) < _decoded_lengths(
+        embed, _subdivide(straight[keep], fine)
+    )
+    out = straight.clone()
+    out[keep[better]] = candidate[better]
+    from_graph[keep[better]] = True
+    return out, from_graph
+
+
+def _segment_lengths(embed: Embedding, polygon: Tensor) -> Tensor:
+    """Decoded length of every segment of polygons ``(n, L, d)`` -> ``(n, L - 1)``, subdivided in quarters."""
+    n, k, d = polygon.shape
+    quarters = torch.linspace(0, 1, _EDGE_SUBDIVISIONS + 1, dtype=polygon.dtype, device=polygon.device)[:, None]
+    a, b = polygon[:, :-1].reshape(-1, d), polygon[:, 1:].reshape(-1, d)
+    return _decoded_lengths(embed, a[:, None] + quarters * (b - a)[:, None]).reshape(n, k - 1)
+
+
+def _subdivide(polygon: Tensor, factor: int) -> Tensor:
+    """Polygons with every segment cut into ``factor`` equal parts."""
+    n, k, d = polygon.shape
+    fractions = torch.arange(factor, dtype=polygon.dtype, device=polygon.device)[:, None] / factor
+    a, b = polygon[:, :-1], polygon[:, 1:]
+    inner = (a[:, :, None] + fractions * (b - a)[:, :, None]).reshape(n, -1, d)
+    return torch.cat([inner, polygon[:, -1:]], 1)
