@@ -75,10 +75,9 @@ def _edges(size: int, d: int) -> np.ndarray:
     return np.concatenate(pairs)
 
 
-def _route_polygons(
-    nodes: Tensor, predecessors: np.ndarray, rows: np.ndarray, source: np.ndarray, target: np.ndarray
-) -> Tensor:
-    """Grid routes ``source -> target`` ``(n, L, d)``; shorter routes repeat their source node."""
+def _routes(predecessors: np.ndarray, rows: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Grid node indices of the routes ``source -> target`` ``(n, L)``, all pairs at once;
+    shorter routes repeat their source node at the front."""
     current = target.copy()
     steps = [current.copy()]
     while True:
@@ -87,8 +86,7 @@ def _route_polygons(
             break
         current = np.where(moving, predecessors[rows, current], current)
         steps.append(current.copy())
-    route = np.stack(steps[::-1], 1)  # source first; pairs with shorter routes repeat the source
-    return nodes[torch.as_tensor(route, device=nodes.device)]
+    return np.stack(steps[::-1], 1)
 
 
 def _resample(polygon: Tensor, cumulative: Tensor, n_segments: int) -> Tensor:
@@ -142,7 +140,8 @@ def shortest_path_start(
     nodes, spacing = _grid(point, base_point, size)
     edges = _edges(size, d)
     quarters = torch.linspace(0, 1, _EDGE_SUBDIVISIONS + 1, dtype=point.dtype, device=point.device)[:, None]
-    a, b = nodes[torch.as_tensor(edges[:, 0])], nodes[torch.as_tensor(edges[:, 1])]
+    index = torch.as_tensor(edges, device=point.device)
+    a, b = nodes[index[:, 0]], nodes[index[:, 1]]
     weights = _decoded_lengths(embed, a[:, None] + quarters * (b - a)[:, None]).cpu().numpy()
     usable = np.isfinite(weights)
     m = len(nodes)
@@ -157,23 +156,33 @@ def shortest_path_start(
 
     source, target = nearest(base_point), nearest(point)
     sources, source_row = np.unique(source, return_inverse=True)
-    distances = np.empty((n,))
-    predecessors = np.empty((len(sources), m), dtype=np.int64)
+    # Per block of sources: Dijkstra, then the routes of the pairs starting there and the
+    # graph distance from the source to each route node (the cumulative decoded length).
+    routes, route_lengths, pair_rows = [], [], []
     for lo in range(0, len(sources), _SOURCES_PER_CALL):
         block = sources[lo : lo + _SOURCES_PER_CALL]
         dist, pred = dijkstra(graph, directed=False, indices=block, return_predecessors=True)
-        predecessors[lo : lo + len(block)] = pred
-        in_block = (source_row >= lo) & (source_row < lo + len(block))
-        distances[in_block] = dist[source_row[in_block] - lo, target[in_block]]
-    reachable = np.isfinite(distances) & (source != target)
-    if not reachable.any():
+        rows = np.nonzero((source_row >= lo) & (source_row < lo + len(block)) & (source != target))[0]
+        rows = rows[np.isfinite(dist[source_row[rows] - lo, target[rows]])]
+        if len(rows) == 0:
+            continue
+        route = _routes(pred, source_row[rows] - lo, source[rows], target[rows])
+        routes.append(route)
+        route_lengths.append(dist[(source_row[rows] - lo)[:, None], route])
+        pair_rows.append(rows)
+    if not routes:
         return straight, from_graph
-    rows = np.nonzero(reachable)[0]
-    route = _route_polygons(nodes, predecessors, source_row[rows], source[rows], target[rows])
-    keep = torch.as_tensor(rows, device=point.device)
-    polygon = torch.cat([base_point[keep, None], route, point[keep, None]], 1)
-    steps = _segment_lengths(embed, polygon)  # repeated nodes add zero
-    cumulative = torch.cat([torch.zeros_like(steps[:, :1]), steps.cumsum(1)], 1)
+    width = max(r.shape[1] for r in routes)
+    # Shorter routes are padded at the front with their source (graph distance 0).
+    route = np.concatenate([np.pad(r, ((0, 0), (width - r.shape[1], 0)), mode="edge") for r in routes])
+    along = np.concatenate([np.pad(c, ((0, 0), (width - c.shape[1], 0)), mode="edge") for c in route_lengths])
+    keep = torch.as_tensor(np.concatenate(pair_rows), device=point.device)
+    route_points = nodes[torch.as_tensor(route, device=point.device)]
+    polygon = torch.cat([base_point[keep, None], route_points, point[keep, None]], 1)
+    ends = _segment_lengths(embed, torch.stack([polygon[:, :2], polygon[:, -2:]], 1).reshape(-1, 2, d))
+    ends = ends.reshape(-1, 2)
+    along = torch.as_tensor(along, dtype=point.dtype, device=point.device) + ends[:, :1]
+    cumulative = torch.cat([torch.zeros_like(along[:, :1]), along, along[:, -1:] + ends[:, 1:]], 1)
     candidate = _resample(polygon, cumulative, n_segments)
     fine = 4  # compare the two starts on polygons four times finer than the ones returned
     better = _decoded_lengths(embed, _subdivide(candidate, fine)) < _decoded_lengths(
