@@ -449,6 +449,17 @@ def energy_log(
         extrapolation, the last change of the length as ``residual``, and no
         pair marked converged -- the nonsmooth energy has local minima that
         this estimate does not see.
+    initial_curve : Tensor, shape=[n, N + 1, d], optional
+        First guess of the coarsest polygon (then ``n_segments = N``), e.g. a
+        previous solution or another route to compare.
+    global_start : bool
+        Without ``initial_curve``, start each pair from a shortest path on a
+        latent grid where that is shorter than the straight line
+        (:func:`~pullback_manifold.graph_start.shortest_path_start`; latent
+        dimension 2 or 3, smooth decoders), running the straight line too up
+        to the second level and going on from the shorter. Newton finds the
+        geodesic nearest its start, and from the straight line that is often
+        not the shortest one. False: the straight line.
 
     Returns
     -------
