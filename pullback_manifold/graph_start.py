@@ -9,8 +9,8 @@ high-metric region a geodesic passes is a global question; a graph answers it.
 
 For a latent space of dimension ``d <= 3`` a regular grid over the end points'
 bounding box (grown by a quarter on every side) is weighted by decoded lengths:
-each edge is the decoded polygon through its points at quarters, so a thin
-sigma wall between two grid nodes is not jumped. Dijkstra's algorithm
+each edge is the decoded polygon through its midpoint, so a sigma wall between
+two grid nodes is not jumped. Dijkstra's algorithm
 (:func:`scipy.sparse.csgraph.dijkstra`, one run per distinct base grid node)
 gives every pair a route, and the route becomes a polygon at uniform decoded
 arc length. Each pair then starts from the shorter (decoded length) of that
@@ -29,6 +29,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
 from torch import Tensor
 
+from .decoders import MetricDecoder
 from .geometry import Embedding, curve_length
 
 __all__ = ["shortest_path_start"]
@@ -139,10 +140,7 @@ def shortest_path_start(
     size = _GRID[d]
     nodes, spacing = _grid(point, base_point, size)
     edges = _edges(size, d)
-    quarters = torch.linspace(0, 1, _EDGE_SUBDIVISIONS + 1, dtype=point.dtype, device=point.device)[:, None]
-    index = torch.as_tensor(edges, device=point.device)
-    a, b = nodes[index[:, 0]], nodes[index[:, 1]]
-    weights = _decoded_lengths(embed, a[:, None] + quarters * (b - a)[:, None]).cpu().numpy()
+    weights = _edge_lengths(embed, nodes, torch.as_tensor(edges, device=point.device)).cpu().numpy()
     usable = np.isfinite(weights)
     m = len(nodes)
     graph = coo_matrix((weights[usable], (edges[usable, 0], edges[usable, 1])), shape=(m, m)).tocsr()
@@ -192,6 +190,24 @@ def shortest_path_start(
     out[keep[better]] = candidate[better]
     from_graph[keep[better]] = True
     return out, from_graph
+
+
+def _edge_lengths(embed: Embedding, nodes: Tensor, edges: Tensor) -> Tensor:
+    """Decoded length of each grid edge ``(E,)``: through its midpoint, the nodes decoded
+    once (for a MetricDecoder, the midpoint rule on the edge's two halves)."""
+    a, b = nodes[edges[:, 0]], nodes[edges[:, 1]]
+    middle = 0.5 * (a + b)
+    if isinstance(embed, MetricDecoder):
+        return _decoded_lengths(embed, torch.stack([a, middle, b], 1))
+    decoded = torch.cat([embed(part).reshape(len(part), -1) for part in nodes.split(2048)])
+    lengths = []
+    for part, pair in zip(middle.split(2048), edges.split(2048)):  # blocks: memory traffic
+        decoded_middle = embed(part).reshape(len(part), -1)
+        lengths.append(
+            torch.linalg.vector_norm(decoded_middle - decoded[pair[:, 0]], dim=-1)
+            + torch.linalg.vector_norm(decoded[pair[:, 1]] - decoded_middle, dim=-1)
+        )
+    return torch.cat(lengths)
 
 
 def _segment_lengths(embed: Embedding, polygon: Tensor) -> Tensor:
