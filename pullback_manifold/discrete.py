@@ -31,7 +31,6 @@ from torch import Tensor
 from .block_tridiagonal import solve_block_tridiagonal
 from .decoders import MetricDecoder
 from .geodesics import LogResult
-from .graph_start import shortest_path_start
 from .geometry import Embedding, _squared_speeds, curve_energy, curve_length, embedding_jet, metric_matrix
 
 __all__ = ["discrete_geodesic", "energy_log", "interpolate_curve", "arc_length_times"]
@@ -492,6 +491,8 @@ def energy_log(
     if initial_curve is not None:
         n_segments = initial_curve.shape[1] - 1
     elif global_start and smooth:
+        from .graph_start import shortest_path_start  # it builds on this module's polygons
+
         initial_curve, from_graph = shortest_path_start(embed, point, base_point, n_segments)
         # Where the grid route won, the straight line runs too, as far as the second level.
         runners_up = from_graph.nonzero().squeeze(-1)

@@ -30,6 +30,7 @@ from scipy.sparse.csgraph import dijkstra
 from torch import Tensor
 
 from .decoders import MetricDecoder
+from .discrete import _straight_curve, interpolate_curve
 from .geometry import Embedding, curve_length
 
 __all__ = ["shortest_path_start"]
@@ -90,25 +91,6 @@ def _routes(predecessors: np.ndarray, rows: np.ndarray, source: np.ndarray, targ
     return np.stack(steps[::-1], 1)
 
 
-def _resample(polygon: Tensor, cumulative: Tensor, n_segments: int) -> Tensor:
-    """Points of polygons ``(n, L, d)`` at uniform fractions of the cumulative lengths ``(n, L)``."""
-    total = cumulative[:, -1:].clamp_min(torch.finfo(polygon.dtype).tiny)
-    fraction = cumulative / total
-    targets = torch.linspace(0, 1, n_segments + 1, dtype=polygon.dtype, device=polygon.device)
-    targets = targets.expand(len(polygon), -1).contiguous()
-    right = torch.searchsorted(fraction.contiguous(), targets, right=True).clamp(1, polygon.shape[1] - 1)
-    left = right - 1
-    f_left, f_right = fraction.gather(1, left), fraction.gather(1, right)
-    width = f_right - f_left
-    weight = torch.where(width > 0, (targets - f_left) / width.clamp_min(torch.finfo(polygon.dtype).tiny), 0.0)
-    d = polygon.shape[-1]
-    p_left = polygon.gather(1, left[..., None].expand(-1, -1, d))
-    p_right = polygon.gather(1, right[..., None].expand(-1, -1, d))
-    out = p_left + weight.clamp(0, 1)[..., None] * (p_right - p_left)
-    out[:, 0], out[:, -1] = polygon[:, 0], polygon[:, -1]
-    return out
-
-
 @torch.no_grad()
 def shortest_path_start(
     embed: Embedding, point: Tensor, base_point: Tensor, n_segments: int
@@ -132,8 +114,7 @@ def shortest_path_start(
         Where ``curve`` is the grid route (the straight line is then the runner-up).
     """
     n, d = point.shape
-    t = torch.linspace(0, 1, n_segments + 1, dtype=point.dtype, device=point.device)[:, None]
-    straight = base_point[:, None] + t * (point - base_point)[:, None]
+    straight = _straight_curve(point, base_point, n_segments)
     from_graph = torch.zeros(n, dtype=torch.bool, device=point.device)
     if d not in _GRID or n == 0:
         return straight, from_graph
@@ -181,7 +162,11 @@ def shortest_path_start(
     ends = ends.reshape(-1, 2)
     along = torch.as_tensor(along, dtype=point.dtype, device=point.device) + ends[:, :1]
     cumulative = torch.cat([torch.zeros_like(along[:, :1]), along, along[:, -1:] + ends[:, 1:]], 1)
-    candidate = _resample(polygon, cumulative, n_segments)
+    # At uniform decoded arc length; the end points exactly (the energy method keeps them).
+    times = torch.linspace(0, 1, n_segments + 1, dtype=point.dtype, device=point.device)
+    node_times = cumulative / cumulative[:, -1:].clamp_min(torch.finfo(point.dtype).tiny)
+    candidate = interpolate_curve(polygon, times, node_times)
+    candidate[:, 0], candidate[:, -1] = polygon[:, 0], polygon[:, -1]
     fine = 4  # compare the two starts on polygons four times finer than the ones returned
     better = _decoded_lengths(embed, _subdivide(candidate, fine)) < _decoded_lengths(
         embed, _subdivide(straight[keep], fine)
