@@ -115,12 +115,95 @@ class _TorchFunction:
         with _eval_mode(self.fn):
             return sequential_gram(self.fn, state, jet, last, cached[1])
 
+    def compacted(self) -> _CompactFunction | None:
+        """The same chord lengths with fewer outputs (:class:`_CompactFunction`), or None when the
+        module does not end in a widening ``nn.Linear``."""
+        last = wide_output_layer(self.fn) if isinstance(self.fn, nn.Module) else None
+        return None if last is None else _CompactFunction(self, last)
+
     def __call__(self, z: Tensor) -> Tensor:
         if isinstance(self.fn, nn.Module):
             state = self._state(z.dtype, z.device)
             with _eval_mode(self.fn):
                 return torch.func.functional_call(self.fn, state, (z,))
         return self.fn(z)
+
+
+class _CompactFunction:
+    """``z -> R h(z)`` in place of a Sequential ``f(z) = W h(z) + b`` whose output layer widens.
+
+    With ``W = Q R`` (``Q`` orthonormal columns, ``R`` square), ``|R (h(a) - h(b))|
+    = |f(a) - f(b)|`` for all ``a, b``: chord lengths, the discrete energy, the
+    pull-back metric and every inner product of derivatives are those of ``f``,
+    for the cost of ``h`` and an ``H x H`` product instead of the ``D x H`` one
+    (for a decoder to images, most of the cost). Not a decoder: its outputs are
+    not images.
+    """
+
+    def __init__(self, fn: _TorchFunction, last: tuple[int, str]):
+        self.fn, self.last = fn, last
+        self._factors: dict = {}
+
+    def prepare(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.fn.prepare(dtype, device)
+
+    def _state_and_factor(self, dtype: torch.dtype, device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+        state = self.fn._state(dtype, device)
+        weight = state[f"{self.last[1]}.weight"]
+        cached = self._factors.get((dtype, device))
+        if cached is None or cached[0] is not weight:  # a recast weight: the model changed
+            cached = (weight, torch.linalg.qr(weight, mode="r")[1])
+            if torch._C._functorch.peek_interpreter_stack() is None:  # see _TorchFunction._state
+                self._factors[(dtype, device)] = cached
+        return state, cached[1]
+
+    def _head(self):
+        """``(name, child)`` of the layers before the output layer."""
+        return list(self.fn.fn._modules.items())[: self.last[0]]
+
+    def jet(self, jet: Jet) -> Jet:
+        state, factor = self._state_and_factor(jet.value.dtype, jet.value.device)
+        with _eval_mode(self.fn.fn):
+            for name, child in self._head():
+                jet = module_jet(child, state, jet, f"{name}.")
+        second = None if jet.second is None else torch.nn.functional.linear(jet.second, factor)
+        return jet.replace(
+            torch.nn.functional.linear(jet.value, factor), torch.nn.functional.linear(jet.first, factor), second
+        )
+
+    def __call__(self, z: Tensor) -> Tensor:
+        state, factor = self._state_and_factor(z.dtype, z.device)
+        with _eval_mode(self.fn.fn):
+            for name, child in self._head():
+                prefix = f"{name}."
+                local = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                z = torch.func.functional_call(child, local, (z,))
+        return torch.nn.functional.linear(z, factor)
+
+
+class _CompactEmbedding:
+    """``z -> [s_1 g_1(z); ...; s_M g_M(z)]``: a decoder's embedding with its widening output
+    layers replaced by :class:`_CompactFunction` s (see :meth:`Decoder.compact`)."""
+
+    def __init__(self, parts: list[tuple[_TorchFunction | _CompactFunction, float]]):
+        self.parts = parts
+
+    def __call__(self, z: Tensor) -> Tensor:
+        outs = [_flatten_output(fn(z), z, "decoder") for fn, _ in self.parts]
+        return torch.cat([out if scale == 1.0 else scale * out for out, (_, scale) in zip(outs, self.parts)], dim=-1)
+
+    def jet(self, jet: Jet) -> Jet:
+        jets = [_flatten_jet(fn.jet(jet), jet.value, "decoder") for fn, _ in self.parts]
+        scales = {scale for _, scale in self.parts}
+        if len(scales) == 1:
+            return _concatenate(jets, scales.pop())
+        return _concatenate([_scaled(j, scale) for j, (_, scale) in zip(jets, self.parts)], 1.0)
+
+
+def _scaled(jet: Jet, scale: float) -> Jet:
+    if scale == 1.0:
+        return jet
+    return jet.replace(scale * jet.value, scale * jet.first, None if jet.second is None else scale * jet.second)
 
 
 class Decoder(abc.ABC):
@@ -163,6 +246,33 @@ class Decoder(abc.ABC):
     def __call__(self, z: Tensor) -> Tensor:
         """Same as :meth:`embed`."""
         return self.embed(z)
+
+    def _parts(self) -> list[tuple[_TorchFunction, float]] | None:
+        """The functions whose outputs, scaled and concatenated, are :meth:`embed`; None if it is not built so."""
+        return None
+
+    def compact(self):
+        """An embedding with the same chord lengths ``|embed(a) - embed(b)|`` and fewer outputs.
+
+        Every part of the decoder that ends in a widening ``nn.Linear`` ``W h + b``
+        (``D`` outputs from ``H < D`` features) is replaced by ``R h``, where
+        ``W = Q R``: distances between embedded points, hence the discrete
+        energy of a latent polygon and the pull-back metric, are unchanged, and
+        the ``D x H`` output layer is never evaluated. The solvers use it; its
+        outputs are not the decoder's and are no use for decoding.
+
+        Returns
+        -------
+        embed : callable ``(n, d) -> (n, D')`` with a ``jet`` method, or this
+            decoder itself when no part compacts.
+        """
+        parts = self._parts()
+        if parts is None:
+            return self
+        compacted = [(fn.compacted(), scale) for fn, scale in parts]
+        if all(fn is None for fn, _ in compacted):
+            return self
+        return _CompactEmbedding([(new or old, scale) for (new, scale), (old, _) in zip(compacted, parts)])
 
     def jet(self, jet: Jet) -> Jet:
         """Derivatives of :meth:`embed` at a :class:`~pullback_manifold.jets.Jet` of latent points.
@@ -252,6 +362,9 @@ class DeterministicDecoder(Decoder):
     def _embed(self, z: Tensor) -> Tensor:
         return _flatten_output(self._f(z), z, "decoder")
 
+    def _parts(self):
+        return [(self._f, 1.0)]
+
     def jet(self, jet: Jet) -> Jet:
         return _flatten_jet(self._f.jet(jet), jet.value, "decoder")
 
@@ -304,6 +417,9 @@ class GaussianDecoder(Decoder):
         mu, sigma = self.mean_and_std(z)
         return torch.cat([mu, sigma], dim=-1)
 
+    def _parts(self):
+        return None if self._std is None else [(self._mean, 1.0), (self._std, 1.0)]
+
     def jet(self, jet: Jet) -> Jet:
         if self._std is None:  # one callable returning a pair: differentiate the whole map
             return generic(self._embed, jet)
@@ -341,6 +457,12 @@ class EnsembleDecoder(Decoder):
 
     def _embed(self, z: Tensor) -> Tensor:
         return torch.cat([m.embed(z) for m in self.members], dim=-1) * self._scale
+
+    def _parts(self):
+        parts = [m._parts() for m in self.members]
+        if any(p is None for p in parts):
+            return None
+        return [(fn, scale * self._scale) for member in parts for fn, scale in member]
 
     def jet(self, jet: Jet) -> Jet:
         return _concatenate([m.jet(jet) for m in self.members], self._scale)

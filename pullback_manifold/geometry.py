@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from .decoders import MetricDecoder, _concatenate, _flatten_jet
+from .decoders import Decoder, MetricDecoder, _concatenate, _flatten_jet
 from .jets import Jet, propagate, stacked_gram
 
 # A map whose pull-back is the metric, or a MetricDecoder giving the metric directly.
@@ -118,6 +118,13 @@ def regularized(embed: Embedding, eps: float) -> Embedding:
     if isinstance(embed, MetricDecoder):
         return _RegularizedMetric(embed, eps)
     return _RegularizedEmbedding(embed, eps)
+
+
+def energy_embedding(embed: Embedding, eps: float) -> Embedding:
+    """The map whose polygons the energy method minimizes: ``embed`` with its widening output
+    layers compacted (:meth:`~pullback_manifold.Decoder.compact`: the same chord lengths
+    for a fraction of the cost), regularized by ``eps I`` (:func:`regularized`)."""
+    return regularized(embed.compact() if isinstance(embed, Decoder) else embed, eps)
 
 
 def jacobian(embed: Embedding, z: Tensor) -> Tensor:

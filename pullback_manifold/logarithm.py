@@ -39,7 +39,7 @@ from torch import Tensor
 from .decoders import MetricDecoder
 from .discrete import energy_log
 from .geodesics import LogResult, ODEOptions, _default_log_tol, exp, shooting_log
-from .geometry import Embedding, _basis, embedding_jet, regularized
+from .geometry import Embedding, _basis, embedding_jet, energy_embedding
 
 __all__ = ["METHODS", "log_map", "piecewise_linear_pairs"]
 
@@ -273,7 +273,7 @@ def log_map(
         empty = torch.zeros(0, dtype=torch.bool, device=point.device)
         return LogResult(point.clone(), empty, point.new_zeros(0), torch.zeros(0, dtype=torch.long), 0.0, method)
     size = n if chunk_size is None else chunk_size
-    energy_embed = regularized(embed, regularization)  # the energy method sees J^T J + eps I too
+    energy_embed = energy_embedding(embed, regularization)  # the energy method sees J^T J + eps I too
     parts = []
     start = time.perf_counter()
     for lo in range(0, max(n, 1), max(size, 1)):

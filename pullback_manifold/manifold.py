@@ -955,7 +955,7 @@ def _geodesic_paths(m: DecoderPullbackMetric, z1: Tensor, z0: Tensor, result: Lo
         kinked = result.piecewise_linear.reshape(-1)
         by_ode = ~kinked & ~result.from_energy.reshape(-1)
     curves = []
-    energy_embed = geometry.regularized(m._embed, m.regularization)
+    energy_embed = geometry.energy_embedding(m._embed, m.regularization)
     if by_ode.any():
         rows = by_ode.nonzero().squeeze(-1)
         curves.append((rows, None, result.tangent_vec.reshape(-1, m.dim)[rows]))

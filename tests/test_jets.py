@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pullback_manifold import EnsembleDecoder, GaussianDecoder, PullbackManifold
+from pullback_manifold import EnsembleDecoder, GaussianDecoder, PullbackManifold, RBFPrecision
 from pullback_manifold.decoders import as_decoder
 from pullback_manifold.geometry import _basis, embedding_jet, geodesic_acceleration
 from pullback_manifold.jets import Jet, generic
@@ -169,7 +169,6 @@ def test_known_layers_never_reach_torch_func(monkeypatch):
 
 
 def test_rbf_precision_rule_matches_nested_jvp(monkeypatch):
-    from pullback_manifold import RBFPrecision
 
     monkeypatch.setattr("pullback_manifold.jets.generic", _refuse)  # its own rule runs
     torch.manual_seed(0)
@@ -197,3 +196,71 @@ def test_wide_output_layer_gram(tail):
         fast = embedding_gram(decoder, z, directions, pair)
         slow = stacked_gram(_generic_jet(decoder, z, directions, pair))
         torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12 * slow.abs().max().item())
+
+
+def _compact_cases():
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 28))
+    per_row = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Unflatten(1, (2, 4)), nn.Linear(4, 9), nn.Flatten())
+    std = RBFPrecision(torch.randn(5, 3), torch.rand(5) + 0.5, torch.rand(5, 28) * 10, zeta=0.3)
+    return {
+        "linear": as_decoder(wide),
+        "linear on a 3-D tensor": as_decoder(per_row),
+        "gaussian": GaussianDecoder(copy.deepcopy(wide), std),
+        "ensemble": EnsembleDecoder([copy.deepcopy(wide), GaussianDecoder(wide, std)]),
+    }
+
+
+@pytest.mark.parametrize("name", ["linear", "linear on a 3-D tensor", "gaussian", "ensemble"])
+def test_compact_embedding_keeps_chords_and_inner_products(name):
+    """``R h`` in place of ``W h + b``: fewer outputs, the same distances between embedded points
+    and the same inner products of first and second derivatives (all the solvers use)."""
+    from pullback_manifold.jets import stacked_gram
+
+    decoder = _compact_cases()[name]
+    compact = decoder.compact()
+    assert compact is not decoder
+    torch.manual_seed(1)
+    a, b = torch.randn(6, 3, dtype=F64), torch.randn(6, 3, dtype=F64)
+    decoder.prepare(F64, a.device)
+    assert compact(a).shape[-1] < decoder(a).shape[-1]
+    full = (decoder(a) - decoder(b)).norm(dim=-1)
+    torch.testing.assert_close((compact(a) - compact(b)).norm(dim=-1), full, rtol=1e-12, atol=0)
+    directions = torch.cat([_basis(a), torch.randn(2, 6, 3, dtype=F64)])
+    for pair in [None, (3, 4), (torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]))]:
+        fast = stacked_gram(embedding_jet(compact, a, directions, pair))
+        slow = stacked_gram(embedding_jet(decoder, a, directions, pair))
+        torch.testing.assert_close(fast, slow, rtol=1e-11, atol=1e-12 * slow.abs().max().item())
+
+
+def test_compact_embedding_follows_the_model_and_skips_what_it_cannot_compact():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 30))
+    decoder = as_decoder(net)
+    compact = decoder.compact()
+    a, b = torch.randn(5, 2, dtype=F64), torch.randn(5, 2, dtype=F64)
+    decoder.prepare(F64, a.device)
+    compact(a)
+    with torch.no_grad():
+        net[2].weight.mul_(3.0)  # a training step: the factor must be recomputed
+    decoder.prepare(F64, a.device)
+    torch.testing.assert_close(
+        (compact(a) - compact(b)).norm(dim=-1), (decoder(a) - decoder(b)).norm(dim=-1), rtol=1e-12, atol=0
+    )
+    narrowing = as_decoder(nn.Sequential(nn.Linear(2, 40), nn.Tanh(), nn.Linear(40, 30)))
+    squashed = as_decoder(nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 30), nn.Sigmoid()))
+    for kept in [narrowing, squashed, as_decoder(lambda z: z.sin()), GaussianDecoder(lambda z: (z, z.exp()))]:
+        assert kept.compact() is kept
+
+
+def test_energy_method_on_the_compact_embedding_gives_the_decoders_distances():
+    from pullback_manifold.discrete import energy_log
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 100)).double()
+    decoder = as_decoder(net)
+    a, b = torch.randn(3, 2, dtype=F64), torch.randn(3, 2, dtype=F64)
+    decoder.prepare(F64, a.device)
+    _, _, full = energy_log(decoder, a, b, global_start=False)
+    _, _, compact = energy_log(decoder.compact(), a, b, global_start=False)
+    torch.testing.assert_close(compact, full, rtol=1e-10, atol=0)
