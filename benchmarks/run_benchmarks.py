@@ -42,6 +42,7 @@ import inspect
 import math
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -805,7 +806,7 @@ def main(argv=None) -> int:
     cap = args.peer_time_cap or (20.0 if quick else 90.0)
     keys = [k.strip() for k in args.problems.split(",") if k.strip()]
     geom_keys = {k.strip() for k in args.geomstats_problems.split(",")}
-    command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "<unset>") + " python benchmarks/run_benchmarks.py " + " ".join(
+    command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "<unset>") + " python benchmarks/run_benchmarks.py " + shlex.join(
         argv if argv is not None else sys.argv[1:])
 
     torch.set_default_dtype(torch.float64)  # geomstats' tools make tensors of the default dtype
@@ -932,8 +933,9 @@ def targets_section(verdict_rows) -> list[str]:
             verdict = "; ".join(f"{label}: {'met' if ok else '**NOT met**'} ({value})" for label, ok, value in checks)
             lines.append(f"- ({problem.key}) {name}: {verdict}")
     lines.append("")
-    lines.append(f"The speed targets are the issue's on ({'), ('.join(sorted(SPEED_TARGET_PROBLEMS))}); the other problems' "
-                 "ratios are in their tables. A ratio to a capped peer is a lower bound (>=).")
+    if verdict_rows:
+        lines.append(f"The speed targets are the issue's on ({'), ('.join(sorted(SPEED_TARGET_PROBLEMS))}); the other problems' "
+                     "ratios are in their tables. A ratio to a capped peer is a lower bound (>=).")
     lines.append("Errors below the reference's own uncertainty (stated per problem) are not resolved by this run.")
     return lines + [""]
 
