@@ -180,7 +180,7 @@ def _log_chunk(
             miss = torch.linalg.vector_norm(end - point[rows], dim=-1) / (1 + point[rows].abs().amax(-1))
             to_polish[certified] = ok & (miss <= _POLISH_GATE)
         polish_rows = to_polish.nonzero().squeeze(-1)
-        polish_options = dict(shooting, max_iter=min(shooting["max_iter"], _POLISH_ITERATIONS))
+        polish_options = dict(shooting, max_iter=min(shooting["max_iter"], _POLISH_ITERATIONS), reuse_jacobian=True)
     rows = todo[polish_rows]
     if result is None:
         result = LogResult(

@@ -181,3 +181,33 @@ def test_geodesic_of_pairs_answered_by_the_energy_method_is_their_discrete_geode
     torch.testing.assert_close(again, path, rtol=0, atol=1e-12)
     one = starved.metric.geodesic_from_log(report[1:2], z1[1:2], z0[1:2])(torch.linspace(0, 1, 5, dtype=F64))
     torch.testing.assert_close(one, path[1:2], rtol=0, atol=1e-12)
+
+
+def test_shooting_with_reused_jacobians_reaches_the_same_geodesics_with_fewer_variational_solves(sphere, monkeypatch):
+    from pullback_manifold import geodesics
+
+    g = torch.Generator().manual_seed(5)
+    z0, z1 = sample_cap(6, 1.0, g), sample_cap(6, 1.0, g)
+    angle = great_circle(inverse_stereographic(z0), inverse_stereographic(z1))
+    embed = sphere.decoder
+    exact = geodesics.shooting_log(embed, z1, z0)
+    assert exact.all_converged
+    near = exact.tangent_vec * (1 + 1e-4 * torch.randn(6, 1, generator=g, dtype=F64))  # e.g. a discrete geodesic's
+    calls = {"variational": 0}
+    shoot = geodesics._shoot
+
+    def counted(*args):
+        calls["variational"] += 1
+        return shoot(*args)
+
+    monkeypatch.setattr(geodesics, "_shoot", counted)
+    for start in (near, None):  # inside Newton's quadratic range, and from the straight line
+        calls["variational"] = 0
+        result = geodesics.shooting_log(embed, z1, z0, start, reuse_jacobian=True)
+        assert result.all_converged, result.summary()
+        torch.testing.assert_close(result.tangent_vec, exact.tangent_vec, rtol=0, atol=1e-7)
+        norm = sphere.metric.norm(result.tangent_vec, z0)
+        assert ((norm - angle).abs() / angle).max() < 1e-7
+        if start is near:
+            # one Jacobian at the start; the trial geodesics are shot without it
+            assert calls["variational"] == 1, calls
