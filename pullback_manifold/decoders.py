@@ -251,6 +251,11 @@ class Decoder(abc.ABC):
         """The functions whose outputs, scaled and concatenated, are :meth:`embed`; None if it is not built so."""
         return None
 
+    def _overrides(self, base: type, *names: str) -> bool:
+        """Whether a subclass redefines any of ``base``'s methods ``names`` (then :meth:`_parts`
+        of ``base`` no longer describes :meth:`embed`)."""
+        return any(getattr(type(self), name) is not getattr(base, name) for name in names)
+
     def compact(self):
         """An embedding with the same chord lengths ``|embed(a) - embed(b)|`` and fewer outputs.
 
@@ -363,7 +368,7 @@ class DeterministicDecoder(Decoder):
         return _flatten_output(self._f(z), z, "decoder")
 
     def _parts(self):
-        return [(self._f, 1.0)]
+        return None if self._overrides(DeterministicDecoder, "_embed", "jet") else [(self._f, 1.0)]
 
     def jet(self, jet: Jet) -> Jet:
         return _flatten_jet(self._f.jet(jet), jet.value, "decoder")
@@ -418,7 +423,9 @@ class GaussianDecoder(Decoder):
         return torch.cat([mu, sigma], dim=-1)
 
     def _parts(self):
-        return None if self._std is None else [(self._mean, 1.0), (self._std, 1.0)]
+        if self._std is None or self._overrides(GaussianDecoder, "_embed", "jet", "mean_and_std"):
+            return None
+        return [(self._mean, 1.0), (self._std, 1.0)]
 
     def jet(self, jet: Jet) -> Jet:
         if self._std is None:  # one callable returning a pair: differentiate the whole map
@@ -459,6 +466,8 @@ class EnsembleDecoder(Decoder):
         return torch.cat([m.embed(z) for m in self.members], dim=-1) * self._scale
 
     def _parts(self):
+        if self._overrides(EnsembleDecoder, "_embed", "jet"):
+            return None
         parts = [m._parts() for m in self.members]
         if any(p is None for p in parts):
             return None

@@ -498,6 +498,9 @@ def _newton_shooting(
     fresh = torch.ones(n, dtype=torch.bool, device=v.device)  # jac is dz(1)/dv at v
 
     def refresh(rows: Tensor, opts: ODEOptions) -> None:
+        # A variational solve that fails where the plain one succeeded gives the pair up
+        # (without reuse its trial would have been halved instead): rare, and auto keeps
+        # the discrete answer then.
         _, jac_new, ok_new = _shoot(embed, base_point[rows], v[rows], opts, regularization)
         jac[rows] = jac_new
         fresh[rows] = True

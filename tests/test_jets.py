@@ -249,8 +249,19 @@ def test_compact_embedding_follows_the_model_and_skips_what_it_cannot_compact():
     )
     narrowing = as_decoder(nn.Sequential(nn.Linear(2, 40), nn.Tanh(), nn.Linear(40, 30)))
     squashed = as_decoder(nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 30), nn.Sigmoid()))
-    for kept in [narrowing, squashed, as_decoder(lambda z: z.sin()), GaussianDecoder(lambda z: (z, z.exp()))]:
-        assert kept.compact() is kept
+    class Squashed(type(decoder)):  # a subclass that post-processes the network's output
+        def _embed(self, z):
+            return torch.sigmoid(super()._embed(z))
+
+    class Rescaled(GaussianDecoder):
+        def mean_and_std(self, z):
+            mu, sigma = super().mean_and_std(z)
+            return 2 * mu, sigma
+
+    subclassed = [Squashed(net), Rescaled(net, lambda z: z.exp()), EnsembleDecoder([Squashed(net), net])]
+    kept = [narrowing, squashed, as_decoder(lambda z: z.sin()), GaussianDecoder(lambda z: (z, z.exp()))]
+    for decoder in kept + subclassed:
+        assert decoder.compact() is decoder
 
 
 def test_energy_method_on_the_compact_embedding_gives_the_decoders_distances():
