@@ -152,7 +152,9 @@ class _CompactFunction:
         weight = state[f"{self.last[1]}.weight"]
         cached = self._factors.get((dtype, device))
         if cached is None or cached[0] is not weight:  # a recast weight: the model changed
-            cached = (weight, torch.linalg.qr(weight, mode="r")[1])
+            # in float64 on the CPU: QR has no half-precision kernels, nor one on every device
+            factor = torch.linalg.qr(weight.detach().to("cpu", torch.float64), mode="r")[1]
+            cached = (weight, factor.to(weight.device, weight.dtype))
             if torch._C._functorch.peek_interpreter_stack() is None:  # see _TorchFunction._state
                 self._factors[(dtype, device)] = cached
         return state, cached[1]

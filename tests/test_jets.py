@@ -249,6 +249,12 @@ def test_compact_embedding_follows_the_model_and_skips_what_it_cannot_compact():
     )
     narrowing = as_decoder(nn.Sequential(nn.Linear(2, 40), nn.Tanh(), nn.Linear(40, 30)))
     squashed = as_decoder(nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 30), nn.Sigmoid()))
+    # points in half precision: the factor is computed in float64 (QR has no bfloat16 kernel)
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    decoder.prepare(torch.bfloat16, a.device)
+    full = (decoder(a16) - decoder(b16)).double().norm(dim=-1)
+    torch.testing.assert_close((compact(a16) - compact(b16)).double().norm(dim=-1), full, rtol=2e-2, atol=0)
+
     class Squashed(type(decoder)):  # a subclass that post-processes the network's output
         def _embed(self, z):
             return torch.sigmoid(super()._embed(z))
