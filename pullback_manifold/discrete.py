@@ -501,6 +501,14 @@ def energy_log(
     curve, ok = discrete_geodesic(
         embed, point[both], base_point[both], n_segments, max_iter, initial_curve=initial_curve, smooth=smooth
     )
+    if len(both) > n:
+        # A straight-line run that ended on the grid route's polygon would only repeat it (a third
+        # of them on the digits VAE): it stops here.
+        alternative = torch.arange(n, len(both), device=point.device)
+        gap = (curve[alternative] - curve[runners_up]).abs().amax((1, 2))
+        same = gap <= 1e-5 * (1 + curve[runners_up].abs().amax((1, 2)))
+        keep = torch.cat([torch.arange(n, device=point.device), alternative[~same]])
+        curve, ok, both, runners_up = curve[keep], ok[keep], both[keep], runners_up[~same]
     lengths, oks, directions = [_level_lengths(embed, curve, cross_check)], [ok], [_initial_direction(curve)]
     for _ in range(n_refinements):
         guess = _refine_cubic(curve) if smooth else _refine(curve)
