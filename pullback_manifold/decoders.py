@@ -21,10 +21,11 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import DecoderError
-from .jets import Jet, generic, module_jet, sequential_gram, stacked_gram, wide_output_layer
+from .jets import Jet, generic, head_jet, module_jet, sequential_gram, stacked_gram, wide_output_layer
 
 __all__ = [
     "Decoder",
@@ -64,7 +65,7 @@ class _TorchFunction:
         self.fn = fn
         self.name = name
         self._cache: dict = {}
-        self._weight_gram: dict = {}  # W^T W of a widening output layer, per cast weight
+        self._derived: dict = {}  # matrices made from a widening output layer's cast weight
 
     def _state(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         cached = self._cache.get((dtype, device))
@@ -105,15 +106,23 @@ class _TorchFunction:
         last = wide_output_layer(self.fn) if isinstance(self.fn, nn.Module) else None
         if last is None:
             return stacked_gram(self.jet(jet))
-        state = self._state(jet.value.dtype, jet.value.device)
-        weight = state[f"{last[1]}.weight"]
-        cached = self._weight_gram.get((weight.dtype, weight.device))
-        if cached is None or cached[0] is not weight:
-            cached = (weight, weight.T @ weight)
-            if torch._C._functorch.peek_interpreter_stack() is None:  # see _state
-                self._weight_gram[(weight.dtype, weight.device)] = cached
+        state, weight_gram = self._output_weight(jet.value, last, "gram", lambda w: w.T @ w)
         with _eval_mode(self.fn):
-            return sequential_gram(self.fn, state, jet, last, cached[1])
+            return sequential_gram(self.fn, state, jet, last, weight_gram)
+
+    def _output_weight(
+        self, like: Tensor, last: tuple[int, str], kind: str, make: Callable[[Tensor], Tensor]
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """The parameters cast like ``like`` and ``make(W)`` of the output layer's cast weight
+        ``W``, made again when the weight is recast (the model changed)."""
+        state = self._state(like.dtype, like.device)
+        weight = state[f"{last[1]}.weight"]
+        cached = self._derived.get((kind, like.dtype, like.device))
+        if cached is None or cached[0] is not weight:
+            cached = (weight, make(weight))
+            if torch._C._functorch.peek_interpreter_stack() is None:  # see _state
+                self._derived[(kind, like.dtype, like.device)] = cached
+        return state, cached[1]
 
     def compacted(self) -> _CompactFunction | None:
         """The same chord lengths with fewer outputs (:class:`_CompactFunction`), or None when the
@@ -142,45 +151,34 @@ class _CompactFunction:
 
     def __init__(self, fn: _TorchFunction, last: tuple[int, str]):
         self.fn, self.last = fn, last
-        self._factors: dict = {}
 
     def prepare(self, dtype: torch.dtype, device: torch.device) -> None:
         self.fn.prepare(dtype, device)
 
-    def _state_and_factor(self, dtype: torch.dtype, device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
-        state = self.fn._state(dtype, device)
-        weight = state[f"{self.last[1]}.weight"]
-        cached = self._factors.get((dtype, device))
-        if cached is None or cached[0] is not weight:  # a recast weight: the model changed
-            # in float64 on the CPU: QR has no half-precision kernels, nor one on every device
-            factor = torch.linalg.qr(weight.detach().to("cpu", torch.float64), mode="r")[1]
-            cached = (weight, factor.to(weight.device, weight.dtype))
-            if torch._C._functorch.peek_interpreter_stack() is None:  # see _TorchFunction._state
-                self._factors[(dtype, device)] = cached
-        return state, cached[1]
-
-    def _head(self):
-        """``(name, child)`` of the layers before the output layer."""
-        return list(self.fn.fn._modules.items())[: self.last[0]]
+    def _state_and_factor(self, like: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        return self.fn._output_weight(like, self.last, "factor", _triangular_factor)
 
     def jet(self, jet: Jet) -> Jet:
-        state, factor = self._state_and_factor(jet.value.dtype, jet.value.device)
+        state, factor = self._state_and_factor(jet.value)
         with _eval_mode(self.fn.fn):
-            for name, child in self._head():
-                jet = module_jet(child, state, jet, f"{name}.")
-        second = None if jet.second is None else torch.nn.functional.linear(jet.second, factor)
-        return jet.replace(
-            torch.nn.functional.linear(jet.value, factor), torch.nn.functional.linear(jet.first, factor), second
-        )
+            jet = head_jet(self.fn.fn, state, jet, self.last[0])
+        second = None if jet.second is None else F.linear(jet.second, factor)
+        return jet.replace(F.linear(jet.value, factor), F.linear(jet.first, factor), second)
 
     def __call__(self, z: Tensor) -> Tensor:
-        state, factor = self._state_and_factor(z.dtype, z.device)
+        state, factor = self._state_and_factor(z)
         with _eval_mode(self.fn.fn):
-            for name, child in self._head():
+            for name, child in list(self.fn.fn._modules.items())[: self.last[0]]:
                 prefix = f"{name}."
                 local = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                 z = torch.func.functional_call(child, local, (z,))
-        return torch.nn.functional.linear(z, factor)
+        return F.linear(z, factor)
+
+
+def _triangular_factor(weight: Tensor) -> Tensor:
+    """``R`` of ``weight = Q R``, in float64 on the CPU (QR has no half-precision kernels, nor
+    one on every device), cast back."""
+    return torch.linalg.qr(weight.detach().to("cpu", torch.float64), mode="r")[1].to(weight.device, weight.dtype)
 
 
 class _CompactEmbedding:
@@ -191,15 +189,12 @@ class _CompactEmbedding:
         self.parts = parts
 
     def __call__(self, z: Tensor) -> Tensor:
-        outs = [_flatten_output(fn(z), z, "decoder") for fn, _ in self.parts]
-        return torch.cat([out if scale == 1.0 else scale * out for out, (_, scale) in zip(outs, self.parts)], dim=-1)
+        outs = [(_flatten_output(fn(z), z, "decoder"), scale) for fn, scale in self.parts]
+        return torch.cat([out if scale == 1.0 else scale * out for out, scale in outs], dim=-1)
 
     def jet(self, jet: Jet) -> Jet:
-        jets = [_flatten_jet(fn.jet(jet), jet.value, "decoder") for fn, _ in self.parts]
-        scales = {scale for _, scale in self.parts}
-        if len(scales) == 1:
-            return _concatenate(jets, scales.pop())
-        return _concatenate([_scaled(j, scale) for j, (_, scale) in zip(jets, self.parts)], 1.0)
+        outs = [_scaled(_flatten_jet(fn.jet(jet), jet.value, "decoder"), scale) for fn, scale in self.parts]
+        return _concatenate(outs, 1.0)
 
 
 def _scaled(jet: Jet, scale: float) -> Jet:

@@ -548,7 +548,7 @@ def _newton_shooting(
         step = step * (radius / step_norm).clamp(max=1.0)[:, None]
         alpha = torch.ones(len(idx), dtype=v.dtype, device=v.device)
         pending = torch.ones(len(idx), dtype=torch.bool, device=v.device)
-        before_step = residual[idx].clone()
+        before_step = residual[idx].clone() if reuse_jacobian else None
         for _ in range(max_halvings + 1):
             sub = pending.nonzero().squeeze(-1)
             if len(sub) == 0:
@@ -573,13 +573,12 @@ def _newton_shooting(
             pending[sub[accept]] = False
             alpha[sub[~accept]] *= 0.5
         damping[idx[~pending]] *= 0.1
-        slow = ~pending & ~(residual[idx] <= 0.1 * before_step) & ~(residual[idx] <= floor)
-        if reuse_jacobian and slow.any():
-            refresh(idx[slow], opts)
-        stale = idx[pending & ~fresh[idx]]
-        if len(stale):
-            refresh(stale, opts)  # retried with the new Jacobian before any damping
-        stuck = idx[pending & ~torch.isin(idx, stale)]
+        stale = pending & ~fresh[idx]  # failed with an old Jacobian: retried with a new one, undamped
+        if reuse_jacobian:
+            slow = ~pending & ~(residual[idx] <= 0.1 * before_step) & ~(residual[idx] <= floor)
+            if (slow | stale).any():
+                refresh(idx[slow | stale], opts)
+        stuck = idx[pending & ~stale]
         if len(stuck):
             if opts is loose:
                 # The loose solve cannot resolve these pairs any further: go on at full accuracy.

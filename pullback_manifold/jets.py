@@ -116,15 +116,13 @@ def _elementwise(jet: Jet, s0: Tensor, s1: Tensor, s2: Tensor | None) -> Jet:
         return jet.replace(s0, first, None)
     a, b = jet.pair
     second = s1 * jet.second
-    if s2 is None:
-        pass
-    elif jet.many_pairs:
+    if s2 is not None and jet.many_pairs:
         # s2 times the k first derivatives once, shared by the P pairs; one product per
         # pair on views (indexing with the pair tensors copies (P, n, *S) twice: 6x slower).
         weighted = s2 * jet.first
         for p, (i, j) in enumerate(zip(a.tolist(), b.tolist())):
             second[p].addcmul_(weighted[i], jet.first[j])
-    else:
+    elif s2 is not None:
         second.addcmul_(s2 * jet.first[a], jet.first[b])
     return jet.replace(s0, first, second)
 
@@ -329,17 +327,20 @@ def wide_output_layer(module: nn.Module) -> tuple[int, str] | None:
     return None
 
 
+def head_jet(module: nn.Sequential, state: dict[str, Tensor], jet: Jet, index: int) -> Jet:
+    """The jet through a Sequential's layers before position ``index`` (its output layer)."""
+    for name, child in list(module._modules.items())[:index]:
+        jet = module_jet(child, state, jet, f"{name}.")
+    return jet
+
+
 def sequential_gram(
     module: nn.Sequential, state: dict[str, Tensor], jet: Jet, last: tuple[int, str], weight_gram: Tensor
 ) -> Tensor:
     """:func:`stacked_gram` of a Sequential whose output layer ``W x + b`` widens:
     ``<W p, W q> = p^T (W^T W) q``, so the jet stops before ``W`` (for a decoder to
     images, the output layer is most of the cost)."""
-    index, _ = last
-    for position, (name, child) in enumerate(module._modules.items()):
-        if position == index:
-            break
-        jet = module_jet(child, state, jet, f"{name}.")
+    jet = head_jet(module, state, jet, last[0])
     vectors = jet.derivatives().transpose(0, 1)  # (n, m, ..., H)
     if vectors.dim() == 3:
         return vectors @ weight_gram @ vectors.transpose(-1, -2)
