@@ -146,7 +146,7 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
     converged = torch.zeros(n, dtype=torch.bool, device=curve.device)
     failed = torch.zeros_like(converged)
     jitters = torch.zeros(n, dtype=torch.long, device=curve.device)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device="cpu").manual_seed(0)
     for _ in range(max_iter):
         active = (~converged & ~failed).nonzero().squeeze(-1)
         if len(active) == 0:
@@ -201,7 +201,8 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
             retry = stuck[jitters[stuck] < 3]
             failed[stuck[jitters[stuck] >= 3]] = True
             if len(retry):
-                noise = torch.randn(curve[retry, 1:-1].shape, generator=generator, dtype=curve.dtype).to(curve.device)
+                shape = curve[retry, 1:-1].shape
+                noise = torch.randn(shape, generator=generator, dtype=curve.dtype, device="cpu").to(curve.device)
                 curve[retry, 1:-1] += 1e-6 * scale[retry, None, None] * noise
                 energy[retry] = _energy(embed, curve[retry])
                 damping[retry] = 1e-6
@@ -226,7 +227,7 @@ def _lbfgs(embed, curve: Tensor, max_iter: int) -> tuple[Tensor, Tensor]:
 
     with torch.enable_grad():
         optimizer.step(closure)
-    grad_norm = inner.grad.abs().amax((1, 2)) if inner.grad is not None else torch.zeros(len(curve))
+    grad_norm = inner.grad.abs().amax((1, 2)) if inner.grad is not None else curve.new_zeros(len(curve))
     out = torch.cat([ends[0], inner.detach(), ends[1]], dim=1)
     return out, torch.isfinite(grad_norm) & (grad_norm <= 1e-6 * (1 + out.abs().amax((1, 2))))
 
@@ -276,8 +277,8 @@ def discrete_geodesic(
     if initial_curve is None and not smooth:
         # Off the kinks of ReLU-like decoders: a node exactly on one (a symmetric pair puts
         # the middle node on z_i = 0) sees a one-sided derivative that can vanish there.
-        generator = torch.Generator().manual_seed(1)
-        noise = torch.randn(curve[:, 1:-1].shape, generator=generator, dtype=curve.dtype).to(curve.device)
+        generator = torch.Generator(device="cpu").manual_seed(1)
+        noise = torch.randn(curve[:, 1:-1].shape, generator=generator, dtype=curve.dtype, device="cpu").to(curve.device)
         chord = (point - base_point).abs().amax(-1)
         curve[:, 1:-1] += 1e-7 * chord[:, None, None] * noise
     elif initial_curve is not None:

@@ -40,6 +40,7 @@ outputs have the dtype of ``z``.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,6 +50,16 @@ from .decoders import MetricDecoder
 __all__ = ["GaussianProcessDecoder"]
 
 _F64 = torch.float64
+
+
+class _Constants(NamedTuple):
+    """The posterior's z-independent tensors, on one device."""
+
+    inputs: Tensor  # X, (n, d)
+    inv_sq_ell: Tensor  # 1 / l^2, (d,)
+    alpha: Tensor  # K^{-1} (Y - m), (n, D)
+    output_mean: Tensor  # m, (D,)
+    chol_inv: Tensor  # L^{-1}, (n, n)
 
 
 def _sq_dists(a: Tensor, b: Tensor, inv_sq_lengthscale: Tensor) -> Tensor:
@@ -104,7 +115,7 @@ class GaussianProcessDecoder(MetricDecoder):
     ):
         X, Y = self._check_data(inputs, outputs)
         n, d = X.shape
-        ell = torch.as_tensor(lengthscale, dtype=_F64).detach().reshape(-1)
+        ell = torch.as_tensor(lengthscale, dtype=_F64, device=X.device).detach().reshape(-1)
         if ell.numel() not in (1, d):
             raise ValueError(f"lengthscale must be a scalar or have {d} entries (ARD), got {ell.numel()}")
         if not bool((ell > 0).all()) or not signal_variance > 0 or not noise_variance >= 0 or not jitter >= 0:
@@ -118,19 +129,34 @@ class GaussianProcessDecoder(MetricDecoder):
         self.noise_variance = float(noise_variance)
         self.output_mean = Y.mean(0)
         self._inv_sq_ell = self.lengthscale.pow(-2)
-        K = self._kernel(X, X) + (self.noise_variance + jitter * self.signal_variance) * torch.eye(n, dtype=_F64)
+        K = self.signal_variance * torch.exp(-0.5 * _sq_dists(X, X, self._inv_sq_ell))
+        K = K + (self.noise_variance + jitter * self.signal_variance) * torch.eye(n, dtype=_F64, device=X.device)
         L, info = torch.linalg.cholesky_ex(K)
         if info != 0:
             raise ValueError(
                 "the kernel matrix is not positive definite (duplicate inputs with no noise?): "
                 "raise noise_variance or jitter"
             )
-        eye = torch.eye(n, dtype=_F64)
+        eye = torch.eye(n, dtype=_F64, device=X.device)
         # Explicit inverses of the constant factors: every z-dependent quantity is then
         # plain matmuls, which torch.func.jvp/vmap and autograd differentiate cheaply.
         self._chol_inv = torch.linalg.solve_triangular(L, eye, upper=False)  # L^{-1}
         self._alpha = torch.cholesky_solve(Y - self.output_mean, L)  # K^{-1} (Y - m), (n, D)
         self._chol = L
+        self._device_constants: dict[torch.device, _Constants] = {}
+
+    def _constants(self, device: torch.device) -> _Constants:
+        """The constants on ``device``, copied there once (the solvers never move data per call)."""
+        cached = self._device_constants.get(device)
+        if cached is None:
+            cached = _Constants(self.inputs, self._inv_sq_ell, self._alpha, self.output_mean, self._chol_inv)
+            cached = _Constants(*(t.to(device) for t in cached))
+            self._device_constants[device] = cached
+        return cached
+
+    def prepare(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Copy the posterior's constants to ``device`` (all algebra stays in float64)."""
+        self._constants(torch.device(device))
 
     @staticmethod
     def _check_data(inputs, outputs) -> tuple[Tensor, Tensor]:
@@ -147,18 +173,21 @@ class GaussianProcessDecoder(MetricDecoder):
 
     # ----------------------------------------------------------- kernel
     def _kernel(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.signal_variance * torch.exp(-0.5 * _sq_dists(a, b, self._inv_sq_ell))
+        inv_sq_ell = self._constants(a.device).inv_sq_ell
+        return self.signal_variance * torch.exp(-0.5 * _sq_dists(a, b, inv_sq_ell))
 
     def _kernel_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``k(z, X)`` ``(m, n)`` and its gradient in ``z``, ``dk[m, i, n] = d k(z_m, X_n) / d z_i``."""
-        k = self._kernel(z, self.inputs)
-        diff = z.unsqueeze(-2) - self.inputs  # (m, n, d)
-        dk = -(diff * self._inv_sq_ell).transpose(-1, -2) * k.unsqueeze(-2)
+        c = self._constants(z.device)
+        k = self._kernel(z, c.inputs)
+        diff = z.unsqueeze(-2) - c.inputs  # (m, n, d)
+        dk = -(diff * c.inv_sq_ell).transpose(-1, -2) * k.unsqueeze(-2)
         return k, dk
 
     # ---------------------------------------------------------- posterior
     def _posterior_mean64(self, z: Tensor) -> Tensor:
-        return self._kernel(z, self.inputs) @ self._alpha + self.output_mean
+        c = self._constants(z.device)
+        return self._kernel(z, c.inputs) @ c.alpha + c.output_mean
 
     def _embed(self, z: Tensor) -> Tensor:
         return self._posterior_mean64(z.to(_F64)).to(z.dtype)
@@ -177,10 +206,11 @@ class GaussianProcessDecoder(MetricDecoder):
             The same for every output dimension (shared kernel).
         """
         z64 = z.to(_F64)
-        k = self._kernel(z64, self.inputs)
-        A = k @ self._chol_inv.T  # rows: L^{-1} k(X, z)
+        c = self._constants(z.device)
+        k = self._kernel(z64, c.inputs)
+        A = k @ c.chol_inv.T  # rows: L^{-1} k(X, z)
         variance = (self.signal_variance - A.pow(2).sum(-1)).clamp_min(0)
-        return (k @ self._alpha + self.output_mean).to(z.dtype), variance.to(z.dtype)
+        return (k @ c.alpha + c.output_mean).to(z.dtype), variance.to(z.dtype)
 
     def posterior_covariance(self, z: Tensor) -> Tensor:
         """Joint posterior covariance of the noise-free function at the points ``z``.
@@ -195,14 +225,16 @@ class GaussianProcessDecoder(MetricDecoder):
             Shared by every output dimension.
         """
         z64 = z.to(_F64)
-        A = self._kernel(z64, self.inputs) @ self._chol_inv.T
+        c = self._constants(z.device)
+        A = self._kernel(z64, c.inputs) @ c.chol_inv.T
         return (self._kernel(z64, z64) - A @ A.T).to(z.dtype)
 
     def _jacobian_moments64(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        c = self._constants(z.device)
         _, dk = self._kernel_grad(z)  # (m, d, n)
-        mean_J = (dk @ self._alpha).transpose(-1, -2)  # (m, D, d)
-        B = dk @ self._chol_inv.T  # (m, d, n): rows L^{-1} dk(X, z)
-        prior = self.signal_variance * torch.diag(self._inv_sq_ell)
+        mean_J = (dk @ c.alpha).transpose(-1, -2)  # (m, D, d)
+        B = dk @ c.chol_inv.T  # (m, d, n): rows L^{-1} dk(X, z)
+        prior = self.signal_variance * torch.diag(c.inv_sq_ell)
         cov_J = prior - B @ B.transpose(-1, -2)
         return mean_J, cov_J
 
@@ -290,11 +322,12 @@ class GaussianProcessDecoder(MetricDecoder):
         pairwise = torch.pdist(X)
         ell0 = float(pairwise.median()) if pairwise.numel() else 1.0
         var0 = float(Yc.pow(2).mean().clamp_min(1e-12))
-        log_ell = torch.full((d if ard else 1,), math.log(max(ell0, 1e-6)), dtype=_F64, requires_grad=True)
-        log_s2 = torch.tensor(math.log(var0), dtype=_F64, requires_grad=True)
-        log_noise = torch.tensor(math.log(max(0.1 * var0, 2 * min_noise_variance)), dtype=_F64, requires_grad=True)
+        log_ell = torch.full((d if ard else 1,), math.log(max(ell0, 1e-6)), dtype=_F64, device=X.device, requires_grad=True)
+        log_s2 = torch.tensor(math.log(var0), dtype=_F64, device=X.device, requires_grad=True)
+        log_noise0 = math.log(max(0.1 * var0, 2 * min_noise_variance))
+        log_noise = torch.tensor(log_noise0, dtype=_F64, device=X.device, requires_grad=True)
         optimizer = torch.optim.Adam([log_ell, log_s2, log_noise], lr=lr)
-        eye = torch.eye(n, dtype=_F64)
+        eye = torch.eye(n, dtype=_F64, device=X.device)
 
         def negative_lml() -> Tensor:
             s2 = log_s2.exp()

@@ -476,7 +476,7 @@ def _newton_shooting(
     end, jac, ok = _shoot(embed, base_point, v, level, regularization)
     measured_at = torch.full((n,), level.rtol if level.rtol is not None else rtol_final, dtype=v.dtype, device=v.device)
     residual_vec = end - point
-    residual = torch.where(ok, torch.linalg.vector_norm(residual_vec, dim=-1), torch.full((n,), float("nan"), dtype=v.dtype))
+    residual = torch.linalg.vector_norm(residual_vec, dim=-1).masked_fill(~ok, float("nan"))
     n_iter = torch.zeros(n, dtype=torch.long, device=v.device)
     failed = ~ok
 

@@ -271,7 +271,8 @@ def log_map(
     n = len(point)
     if n == 0:
         empty = torch.zeros(0, dtype=torch.bool, device=point.device)
-        return LogResult(point.clone(), empty, point.new_zeros(0), torch.zeros(0, dtype=torch.long), 0.0, method)
+        no_iterations = torch.zeros(0, dtype=torch.long, device=point.device)
+        return LogResult(point.clone(), empty, point.new_zeros(0), no_iterations, 0.0, method)
     size = n if chunk_size is None else chunk_size
     energy_embed = energy_embedding(embed, regularization)  # the energy method sees J^T J + eps I too
     parts = []

@@ -173,9 +173,9 @@ class PullbackManifold(VectorSpaceOpenSet):
         -------
         belongs : Tensor, shape=[...], bool
         """
-        point = torch.as_tensor(point)
+        point = _as_tensor(point)
         if point.shape[-1:] != (self.dim,):
-            return torch.zeros(point.shape[:-1], dtype=torch.bool)
+            return torch.zeros(point.shape[:-1], dtype=torch.bool, device=point.device)
         return torch.isfinite(point).all(-1)
 
     def projection(self, point):
@@ -189,7 +189,16 @@ class PullbackManifold(VectorSpaceOpenSet):
         -------
         point : Tensor, shape=[..., d]
         """
-        return torch.as_tensor(point)
+        return _as_tensor(point)
+
+
+def _as_tensor(value) -> Tensor:
+    """A tensor as it is, anything else as a tensor.
+
+    Not ``torch.as_tensor`` on a tensor: under ``torch.set_default_device`` it
+    moves the tensor to that device, and the solvers never move data.
+    """
+    return value if isinstance(value, Tensor) else torch.as_tensor(value)
 
 
 def _nan_rows(x: Tensor, ok: Tensor) -> Tensor:
@@ -259,7 +268,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         for name, value in arrays.items():
             if not isinstance(value, Tensor):
                 try:
-                    value = torch.as_tensor(value)
+                    value = _as_tensor(value)
                 except (TypeError, ValueError, RuntimeError) as err:
                     raise TypeError(f"{name} must be a tensor of shape (..., {self.dim}), got {type(value).__name__}") from err
             if not value.is_floating_point():
@@ -359,7 +368,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         that the decoder cut the autodiff graph.
         """
         g = torch.Generator(device="cpu").manual_seed(0)
-        elsewhere = torch.randn(4, self.dim, generator=g, dtype=z.dtype).to(z.device)
+        elsewhere = torch.randn(4, self.dim, generator=g, dtype=z.dtype, device="cpu").to(z.device)
         try:
             J = geometry.jacobian(self._embed, elsewhere)
         except RuntimeError:
@@ -523,7 +532,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         -------
         derivative : Tensor, shape=[..., 2, d]
         """
-        state = torch.as_tensor(state)
+        state = _as_tensor(state)
         if state.dim() < 2 or state.shape[-2] != 2:
             raise ValueError(f"state has shape {tuple(state.shape)}: expected (..., 2, {self.dim})")
         velocity = state[..., 1, :]
@@ -624,7 +633,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         return geometry.curve_energy(self._embed, curve)
 
     def _prepare_curve(self, curve) -> Tensor:
-        curve = torch.as_tensor(curve)
+        curve = _as_tensor(curve)
         if curve.dim() < 2 or curve.shape[-2] < 2:
             raise ValueError(f"curve has shape {tuple(curve.shape)}: expected (..., n_nodes >= 2, {self.dim})")
         (flat,), _ = self._prepare("curve", curve=curve)
@@ -750,7 +759,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         """
         # validated here, so that errors name this method's own arguments
         self._prepare("point_a", True, point_a=point_a, point_b=point_b)
-        a, b = torch.as_tensor(point_a), torch.as_tensor(point_b)
+        a, b = _as_tensor(point_a), _as_tensor(point_b)
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             return _SquaredDistance.apply(a, b, self)
         if self.log_method != "auto":
@@ -852,7 +861,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         from .geodesics import _odeint_flagged, _times, _variational_rhs  # noqa: PLC0415
 
         end = super().exp(tangent_vec, base_point)
-        v_in, z_in = torch.as_tensor(tangent_vec), torch.as_tensor(base_point)
+        v_in, z_in = _as_tensor(tangent_vec), _as_tensor(base_point)
         if not (torch.is_grad_enabled() and (v_in.requires_grad or z_in.requires_grad)):
             return end
         (v, z), batch = self._prepare("base_point", True, tangent_vec=v_in, base_point=z_in)
@@ -937,7 +946,7 @@ class ODEExpSolver(ExpSolver):
         (v, z), batch = m._prepare("base_point", True, tangent_vec=tangent_vec, base_point=base_point)
 
         def path(t):
-            times = torch.as_tensor(t).reshape(-1)
+            times = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(-1)
             points, ok = geodesic_ivp(m._embed, v, z, times, m.ode_options, m.regularization)
             m._report(int((~ok).sum()), len(ok), "geodesic")
             return _nan_rows(points, ok).reshape(*batch, times.shape[0], m.dim)
@@ -1004,8 +1013,8 @@ class ShootingLogSolver(LogSolver):
         if not self.warm_start or self._last is None:
             return None
         last_point, last_base, last_vec = self._last
-        point = torch.as_tensor(point)
-        base_point = torch.as_tensor(base_point)
+        point = _as_tensor(point)
+        base_point = _as_tensor(base_point)
         if point.shape != last_point.shape or point.dtype != last_point.dtype or point.device != last_point.device:
             return None
         if not torch.equal(point, last_point):

@@ -158,8 +158,8 @@ def plot_field(
     -------
     image : matplotlib AxesImage
     """
-    xs = torch.linspace(*xlim, resolution, dtype=dtype)
-    ys = torch.linspace(*ylim, resolution, dtype=dtype)
+    xs = torch.linspace(*xlim, resolution, dtype=dtype, device="cpu")  # pictures are made on the CPU
+    ys = torch.linspace(*ylim, resolution, dtype=dtype, device="cpu")
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
     with torch.no_grad():
         values = torch.as_tensor(field(grid.reshape(-1, 2))).reshape(resolution, resolution)
@@ -217,7 +217,7 @@ def plot_latent_points(
     points = torch.as_tensor(points).detach().cpu()
     if points.dim() != 2 or points.shape[-1] != 2:
         raise ValueError(f"points must have shape (n, 2), got {tuple(points.shape)}")
-    labels = torch.zeros(len(points), dtype=torch.long) if labels is None else torch.as_tensor(labels).detach().cpu()
+    labels = torch.zeros(len(points), dtype=torch.long, device="cpu") if labels is None else torch.as_tensor(labels).detach().cpu()
     if labels.shape != points.shape[:1]:
         raise ValueError(f"labels must have shape ({len(points)},), got {tuple(labels.shape)}")
     colours = matplotlib.colormaps[cmap]
@@ -269,7 +269,7 @@ def image_grid(images: Tensor, image_shape: tuple[int, int], pad: int = 1, pad_v
     if images.shape[-1] != h * w:
         raise ValueError(f"images have {images.shape[-1]} pixels, image_shape {tuple(image_shape)} needs {h * w}")
     n_rows, n_cols = images.shape[:2]
-    grid = torch.full((n_rows * (h + pad) - pad, n_cols * (w + pad) - pad), float(pad_value), dtype=images.dtype)
+    grid = torch.full((n_rows * (h + pad) - pad, n_cols * (w + pad) - pad), float(pad_value), dtype=images.dtype, device="cpu")
     for i in range(n_rows):
         for j in range(n_cols):
             grid[i * (h + pad) : i * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = images[i, j].reshape(h, w)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .manifold import DecoderPullbackMetric
+from .manifold import DecoderPullbackMetric, _as_tensor
 
 __all__ = ["pairwise_dists"]
 
@@ -112,7 +112,7 @@ def pairwise_dists(space, points_a, points_b=None, *, chunk_size: int | None = N
 
 
 def _as_points(points, name: str, dim: int) -> Tensor:
-    points = torch.as_tensor(points)
+    points = _as_tensor(points)
     if points.dim() != 2 or points.shape[-1] != dim:
         raise ValueError(f"{name} has shape {tuple(points.shape)}: expected (n, {dim}), a batch of latent points")
     if not points.is_floating_point():

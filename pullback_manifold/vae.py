@@ -104,7 +104,9 @@ class GaussianVAE(nn.Module):
         loss : Tensor, shape=[]
         """
         mean, logvar = self.encode(x)
-        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        # drawn where the generator lives (a CPU generator also seeds a model on the GPU)
+        where = mean.device if generator is None else generator.device
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=where).to(mean.device)
         z = mean + (0.5 * logvar).exp() * eps
         reconstruction = 0.5 * ((x - self.decode(z)) / self.obs_std).pow(2).sum(-1)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(-1)
@@ -153,16 +155,17 @@ def train_vae(
         raise ValueError(f"data must have shape (n, D) (flatten images first), got {tuple(data.shape)}")
     x = data.to(torch.float32)
     n = x.shape[0]
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # the same initialization wherever x is
         torch.manual_seed(seed)
         model = GaussianVAE(x.shape[1], latent_dim, hidden, obs_std)
-    generator = torch.Generator().manual_seed(seed)
+    model = model.to(x.device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = -(-n // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator, device="cpu").to(x.device)
         for start in range(0, n, batch_size):
             batch = x[order[start : start + batch_size]]
             optimizer.zero_grad(set_to_none=True)
