@@ -143,20 +143,32 @@ class GaussianProcessDecoder(MetricDecoder):
         self._chol_inv = torch.linalg.solve_triangular(L, eye, upper=False)  # L^{-1}
         self._alpha = torch.cholesky_solve(Y - self.output_mean, L)  # K^{-1} (Y - m), (n, D)
         self._chol = L
-        self._device_constants: dict[torch.device, _Constants] = {}
 
     def _constants(self, device: torch.device) -> _Constants:
-        """The constants on ``device``, copied there once (the solvers never move data per call)."""
-        cached = self._device_constants.get(device)
-        if cached is None:
-            cached = _Constants(self.inputs, self._inv_sq_ell, self._alpha, self.output_mean, self._chol_inv)
-            cached = _Constants(*(t.to(device) for t in cached))
-            self._device_constants[device] = cached
-        return cached
+        """The constants on ``device``, copied there once (not per call)."""
+        sources = (self.inputs, self._inv_sq_ell, self._alpha, self.output_mean, self._chol_inv)
+        key = tuple((id(t), t._version) for t in sources)  # a reassigned or edited constant is copied again
+        cache = self.__dict__.setdefault("_device_constants", {})
+        cached = cache.get(device)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        constants = _Constants(*(t.detach().to(device) for t in sources))
+        # Tensors made inside a torch.func transform belong to its level: cache at top level only.
+        if torch._C._functorch.peek_interpreter_stack() is None:
+            cache[device] = (key, constants)
+        return constants
 
     def prepare(self, dtype: torch.dtype, device: torch.device) -> None:
         """Copy the posterior's constants to ``device`` (all algebra stays in float64)."""
-        self._constants(torch.device(device))
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # the key points' .device will have
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._constants(device)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_device_constants", None)  # device copies are not pickled
+        return state
 
     @staticmethod
     def _check_data(inputs, outputs) -> tuple[Tensor, Tensor]:

@@ -104,9 +104,11 @@ class GaussianVAE(nn.Module):
         loss : Tensor, shape=[]
         """
         mean, logvar = self.encode(x)
-        # drawn where the generator lives (a CPU generator also seeds a model on the GPU)
-        where = mean.device if generator is None else generator.device
-        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=where).to(mean.device)
+        if generator is None:
+            eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+        else:  # drawn where the generator lives (a CPU generator also seeds a model on the GPU)
+            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=generator.device)
+            eps = eps.to(mean.device)
         z = mean + (0.5 * logvar).exp() * eps
         reconstruction = 0.5 * ((x - self.decode(z)) / self.obs_std).pow(2).sum(-1)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(-1)

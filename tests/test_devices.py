@@ -17,8 +17,9 @@ import pathlib
 
 import pullback_manifold
 
-CONSTRUCTORS = {"full", "zeros", "ones", "empty", "tensor", "arange", "eye", "linspace", "logspace", "rand", "randn",
-                "randint", "randperm", "Generator"}
+CONSTRUCTORS = {"full", "zeros", "ones", "empty", "empty_strided", "tensor", "scalar_tensor", "arange", "range", "eye",
+                "linspace", "logspace", "rand", "randn", "randint", "randperm", "tril_indices", "triu_indices",
+                "Generator"}
 
 
 def _constructor_calls_without_device(path: pathlib.Path):
@@ -38,14 +39,22 @@ def _constructor_calls_without_device(path: pathlib.Path):
         func = node.func
         if not (isinstance(func.value, ast.Name) and func.value.id == "torch" and func.attr in CONSTRUCTORS):
             continue
-        if any(k.arg == "device" for k in node.keywords):
-            continue
-        yield f"{path.name}:{node.lineno} in {function_of(node)}(): torch.{func.attr}(...) without device="
+        device = next((k.value for k in node.keywords if k.arg == "device"), None)
+        generator = next((k.value for k in node.keywords if k.arg == "generator"), None)
+        where = f"{path.name}:{node.lineno} in {function_of(node)}(): torch.{func.attr}(...)"
+        if device is None or (isinstance(device, ast.Constant) and device.value is None):
+            yield f"{where} without device="
+        elif generator is not None and not (
+            (isinstance(device, ast.Constant) and device.value == "cpu") or ast.dump(device) == ast.dump(
+                ast.Attribute(value=generator, attr="device", ctx=ast.Load()))
+        ):
+            # a generator draws on its own device: "cpu" for the package's, or generator.device
+            yield f"{where} with a generator and a device other than 'cpu' or the generator's"
 
 
 def test_new_tensors_take_the_device_of_the_inputs():
     package = pathlib.Path(pullback_manifold.__file__).parent
-    offenders = [line for path in sorted(package.glob("*.py")) for line in _constructor_calls_without_device(path)]
+    offenders = [line for path in sorted(package.rglob("*.py")) for line in _constructor_calls_without_device(path)]
     assert not offenders, "tensors made on the default device (fails for CUDA points):\n" + "\n".join(offenders)
 
 
@@ -55,6 +64,11 @@ def test_the_check_sees_an_offender(tmp_path):
     bad.write_text("import torch\n\ndef f(v, n):\n    return torch.full((n,), float('nan'), dtype=v.dtype)\n")
     assert list(_constructor_calls_without_device(bad)) == [
         "solver.py:4 in f(): torch.full(...) without device="
+    ]
+    drawn = tmp_path / "noise.py"
+    drawn.write_text("import torch\n\ndef f(g, x):\n    return torch.randn(3, generator=g, device=x.device)\n")
+    assert list(_constructor_calls_without_device(drawn)) == [
+        "noise.py:4 in f(): torch.randn(...) with a generator and a device other than 'cpu' or the generator's"
     ]
     good = tmp_path / "fixed.py"
     good.write_text("import torch\n\ndef f(v, n):\n    return torch.full((n,), 0.0, dtype=v.dtype, device=v.device)\n")
@@ -88,8 +102,8 @@ def _decoder(name):
     if name == "relu":
         return _relu_mlp()
     if name == "gaussian":
-        std = tanh_mlp(2, 5, hidden=8, seed=2)
-        return GaussianDecoder(tanh_mlp(2, 5, hidden=8, seed=1), lambda z: torch.nn.functional.softplus(std(z)) + 0.1)
+        std = torch.nn.Sequential(tanh_mlp(2, 5, hidden=8, seed=2), torch.nn.Softplus())
+        return GaussianDecoder(tanh_mlp(2, 5, hidden=8, seed=1), std)
     if name == "ensemble":
         return EnsembleDecoder([tanh_mlp(2, 5, hidden=8, seed=1), tanh_mlp(2, 5, hidden=8, seed=4)])
     g = torch.Generator().manual_seed(0)
@@ -145,6 +159,7 @@ def test_default_device_elsewhere_changes_nothing(name, which, float64_default):
 
     expected = {k: fn() for k, fn in operations(PullbackManifold(_decoder(name), 2, on_failure="ignore")).items()}
     space = PullbackManifold(_decoder(name), 2, on_failure="ignore")
+    previous = torch.get_default_device()
     torch.set_default_device("meta")
     try:
         got = {}
@@ -154,9 +169,27 @@ def test_default_device_elsewhere_changes_nothing(name, which, float64_default):
             except Exception as err:  # noqa: BLE001 -- collected: one report for all operations
                 got[k] = err
     finally:
-        torch.set_default_device(None)
+        torch.set_default_device(previous)
     problems = [f"{k}: {type(v).__name__}: {v}" for k, v in got.items() if isinstance(v, Exception)]
     problems += [f"{k}: on {v.device}" for k, v in got.items() if not isinstance(v, Exception) and v.device.type != "cpu"]
     assert not problems, "\n".join(problems)
     for k, value in got.items():
         torch.testing.assert_close(value, expected[k], rtol=0, atol=0, equal_nan=True, msg=k)
+
+
+@pytest.mark.parametrize("name", ["mlp", "gaussian", "ensemble", "gp"])
+def test_decoders_evaluate_where_the_points_are(name, float64_default):
+    """A decoder's own constants follow the points (the GP kept its data on the CPU).
+
+    ``meta`` points stand in for CUDA ones: a CPU tensor met there fails, as on a GPU.
+    """
+    space = PullbackManifold(_decoder(name), 2)
+    decoder = space.decoder
+    z = torch.tensor([[0.1, 0.2], [0.5, -0.3]], dtype=torch.float64, device="meta")
+    decoder.prepare(torch.float64, z.device)
+    outputs = [decoder.embed(z)]
+    if name == "gp":
+        outputs += [decoder.metric(z), *decoder.posterior_mean_and_variance(z), decoder.posterior_covariance(z)]
+    assert all(out.device.type == "meta" for out in outputs)
+    G = space.metric.metric_matrix(torch.tensor([[0.1, 0.2]], dtype=torch.float64))  # the CPU still works after
+    assert G.device.type == "cpu" and torch.isfinite(G).all()
