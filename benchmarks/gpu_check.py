@@ -141,11 +141,6 @@ def _rel(a, b) -> float:
 
 
 # ------------------------------------------------------------------------- 1. same answers
-def _sphere_chart(z):
-    sq = (z**2).sum(-1, keepdim=True)
-    return torch.cat([2 * z / (1 + sq), (1 - sq) / (1 + sq)], dim=-1)
-
-
 def _tanh(seed: int, out: int = 64) -> torch.nn.Module:
     return rb._tanh_mlp(2, out, hidden=32, seed=seed)
 
@@ -161,7 +156,7 @@ def api_cases(data: dict) -> dict[str, tuple[object, torch.Tensor, torch.Tensor]
     gp_inputs = torch.randn(40, 2, generator=gen, dtype=F64)
     gp_outputs = torch.cat([gp_inputs.sin(), (gp_inputs**2).sum(-1, keepdim=True).cos()], dim=-1)
     return {
-        "sphere chart (callable)": (_sphere_chart, *small),
+        "sphere chart (callable)": (rb._inverse_stereographic, *small),
         "tanh MLP (module)": (rb.build_problem("b", 1, data["seed"]).decoder, *normal),
         "digits VAE (Gaussian, expected metric)": (_vae_decoder(data), *code_pairs),
         "ensemble of 2 tanh MLPs": (EnsembleDecoder([_tanh(1), _tanh(2)]), *normal),

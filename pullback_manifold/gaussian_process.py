@@ -184,14 +184,12 @@ class GaussianProcessDecoder(MetricDecoder):
         return X, Y
 
     # ----------------------------------------------------------- kernel
-    def _kernel(self, a: Tensor, b: Tensor) -> Tensor:
-        inv_sq_ell = self._constants(a.device).inv_sq_ell
-        return self.signal_variance * torch.exp(-0.5 * _sq_dists(a, b, inv_sq_ell))
+    def _kernel(self, a: Tensor, b: Tensor, c: _Constants) -> Tensor:
+        return self.signal_variance * torch.exp(-0.5 * _sq_dists(a, b, c.inv_sq_ell))
 
-    def _kernel_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def _kernel_grad(self, z: Tensor, c: _Constants) -> tuple[Tensor, Tensor]:
         """``k(z, X)`` ``(m, n)`` and its gradient in ``z``, ``dk[m, i, n] = d k(z_m, X_n) / d z_i``."""
-        c = self._constants(z.device)
-        k = self._kernel(z, c.inputs)
+        k = self._kernel(z, c.inputs, c)
         diff = z.unsqueeze(-2) - c.inputs  # (m, n, d)
         dk = -(diff * c.inv_sq_ell).transpose(-1, -2) * k.unsqueeze(-2)
         return k, dk
@@ -199,7 +197,7 @@ class GaussianProcessDecoder(MetricDecoder):
     # ---------------------------------------------------------- posterior
     def _posterior_mean64(self, z: Tensor) -> Tensor:
         c = self._constants(z.device)
-        return self._kernel(z, c.inputs) @ c.alpha + c.output_mean
+        return self._kernel(z, c.inputs, c) @ c.alpha + c.output_mean
 
     def _embed(self, z: Tensor) -> Tensor:
         return self._posterior_mean64(z.to(_F64)).to(z.dtype)
@@ -219,7 +217,7 @@ class GaussianProcessDecoder(MetricDecoder):
         """
         z64 = z.to(_F64)
         c = self._constants(z.device)
-        k = self._kernel(z64, c.inputs)
+        k = self._kernel(z64, c.inputs, c)
         A = k @ c.chol_inv.T  # rows: L^{-1} k(X, z)
         variance = (self.signal_variance - A.pow(2).sum(-1)).clamp_min(0)
         return (k @ c.alpha + c.output_mean).to(z.dtype), variance.to(z.dtype)
@@ -238,12 +236,12 @@ class GaussianProcessDecoder(MetricDecoder):
         """
         z64 = z.to(_F64)
         c = self._constants(z.device)
-        A = self._kernel(z64, c.inputs) @ c.chol_inv.T
-        return (self._kernel(z64, z64) - A @ A.T).to(z.dtype)
+        A = self._kernel(z64, c.inputs, c) @ c.chol_inv.T
+        return (self._kernel(z64, z64, c) - A @ A.T).to(z.dtype)
 
     def _jacobian_moments64(self, z: Tensor) -> tuple[Tensor, Tensor]:
         c = self._constants(z.device)
-        _, dk = self._kernel_grad(z)  # (m, d, n)
+        _, dk = self._kernel_grad(z, c)  # (m, d, n)
         mean_J = (dk @ c.alpha).transpose(-1, -2)  # (m, D, d)
         B = dk @ c.chol_inv.T  # (m, d, n): rows L^{-1} dk(X, z)
         prior = self.signal_variance * torch.diag(c.inv_sq_ell)
@@ -334,7 +332,8 @@ class GaussianProcessDecoder(MetricDecoder):
         pairwise = torch.pdist(X)
         ell0 = float(pairwise.median()) if pairwise.numel() else 1.0
         var0 = float(Yc.pow(2).mean().clamp_min(1e-12))
-        log_ell = torch.full((d if ard else 1,), math.log(max(ell0, 1e-6)), dtype=_F64, device=X.device, requires_grad=True)
+        log_ell0 = math.log(max(ell0, 1e-6))
+        log_ell = torch.full((d if ard else 1,), log_ell0, dtype=_F64, device=X.device, requires_grad=True)
         log_s2 = torch.tensor(math.log(var0), dtype=_F64, device=X.device, requires_grad=True)
         log_noise0 = math.log(max(0.1 * var0, 2 * min_noise_variance))
         log_noise = torch.tensor(log_noise0, dtype=_F64, device=X.device, requires_grad=True)

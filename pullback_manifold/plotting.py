@@ -217,7 +217,9 @@ def plot_latent_points(
     points = torch.as_tensor(points).detach().cpu()
     if points.dim() != 2 or points.shape[-1] != 2:
         raise ValueError(f"points must have shape (n, 2), got {tuple(points.shape)}")
-    labels = torch.zeros(len(points), dtype=torch.long, device="cpu") if labels is None else torch.as_tensor(labels).detach().cpu()
+    if labels is None:
+        labels = torch.zeros(len(points), dtype=torch.long, device="cpu")
+    labels = torch.as_tensor(labels).detach().cpu()
     if labels.shape != points.shape[:1]:
         raise ValueError(f"labels must have shape ({len(points)},), got {tuple(labels.shape)}")
     colours = matplotlib.colormaps[cmap]
@@ -269,7 +271,8 @@ def image_grid(images: Tensor, image_shape: tuple[int, int], pad: int = 1, pad_v
     if images.shape[-1] != h * w:
         raise ValueError(f"images have {images.shape[-1]} pixels, image_shape {tuple(image_shape)} needs {h * w}")
     n_rows, n_cols = images.shape[:2]
-    grid = torch.full((n_rows * (h + pad) - pad, n_cols * (w + pad) - pad), float(pad_value), dtype=images.dtype, device="cpu")
+    shape = (n_rows * (h + pad) - pad, n_cols * (w + pad) - pad)
+    grid = torch.full(shape, float(pad_value), dtype=images.dtype, device="cpu")
     for i in range(n_rows):
         for j in range(n_cols):
             grid[i * (h + pad) : i * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = images[i, j].reshape(h, w)
