@@ -5,10 +5,11 @@ Three parts, on a machine with a CUDA GPU::
     python benchmarks/gpu_check.py run --out /tmp/gpu
 
 1. **Same answers.** Each public operation (metric, Christoffel symbols, inner
-   product, exp, log by every method, dist, curve length, parallel transport,
-   geomstats' ``FrechetMean``) on five decoders (sphere chart, tanh MLP, digits VAE
-   with the expected metric, an ensemble, a Gaussian process), float64, once on the
-   CPU and once on the GPU: the largest relative difference of the results.
+   product, exp, log by every method, dist, curve length, parallel transport) on
+   five decoders (sphere chart, tanh MLP, digits VAE with the expected metric, an
+   ensemble, a Gaussian process), float64, once on the CPU and once on the GPU: the
+   largest relative difference of the results. Part ``frechet``: geomstats'
+   ``FrechetMean`` on the digits VAE, likewise.
 2. **Accuracy and speed** of ``solve_log`` (energy and auto) on the benchmark's
    problems (b) and (d) (see ``run_benchmarks.py``), 30 pairs, against the
    benchmark's reference distances.
@@ -257,6 +258,12 @@ def part_same_answers(report: Report, data: dict, device: torch.device, n_pairs:
             header_done = True
         report.add(f"| {label} | " + " | ".join(cells) + f" | {seconds:.1f} |")
     report.add("")
+
+
+def part_frechet(report: Report, data: dict, device: torch.device) -> None:
+    """geomstats' FrechetMean on the GPU (it makes its tensors on the default device)."""
+    report.add("## 1b. geomstats' FrechetMean on the GPU")
+    report.add("")
     points = frechet_points(data)
     if report.left() < 60:
         report.add("geomstats `FrechetMean` on the GPU: skipped (budget)")
@@ -387,6 +394,8 @@ def run(args) -> int:
     for part in (a.strip() for a in args.parts.split(",")):  # in the order given
         if part == "same":
             part_same_answers(report, data, device, args.api_pairs)
+        elif part == "frechet":
+            part_frechet(report, data, device)
         elif part == "accuracy":
             part_accuracy(report, data, device)
         elif part == "profile":
@@ -398,7 +407,7 @@ def run(args) -> int:
                 sizes.append((where, method, int(n), int(chunk)))
             part_throughput(report, data, device, sizes)
         else:
-            raise ValueError(f"unknown part {part!r}: use same, accuracy, throughput, profile")
+            raise ValueError(f"unknown part {part!r}: use same, frechet, accuracy, throughput, profile")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     report.add(f"Total {time.perf_counter() - report.start:.0f} s; peak GPU memory {peak:.2f} GiB.")
     return 0
@@ -417,7 +426,7 @@ def main(argv=None) -> int:
     r.add_argument("--out", required=True)
     r.add_argument("--budget", type=float, default=1e9, help="seconds; later steps are skipped past it")
     r.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a smoke run of the script)")
-    r.add_argument("--parts", default="same,accuracy,throughput", help="run in this order")
+    r.add_argument("--parts", default="same,frechet,accuracy,throughput", help="run in this order")
     r.add_argument("--api-pairs", type=int, default=8, help="pairs per decoder in part 1 (at most 8)")
     r.add_argument("--profile-pairs", type=int, default=1000, help="pairs of the profiled energy solve (part 4)")
     r.add_argument("--throughput", default="gpu:energy:10000:256,gpu:energy:10000:2048,gpu:energy:10000:10000,"

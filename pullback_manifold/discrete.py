@@ -105,6 +105,10 @@ def _curvature_blocks(second: Tensor, weights: Tensor, d: int) -> Tensor:
 # The second-order term costs d (d + 1) / 2 more derivative streams per node: worth it
 # for the small latent spaces where Gauss-Newton crawls along sigma walls; above, Gauss-Newton.
 _NEWTON_MAX_DIM = 4
+# Damping (relative to the mean diagonal) of the first, undamped try of each iteration.
+_UNDAMPED = 1e-12
+# Relative rounding error of a polygon energy, beyond which an increase counts.
+_ENERGY_ROUNDING = 1e-12
 
 
 def _decoded_steps(embed, curve: Tensor) -> Tensor:
@@ -130,10 +134,18 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
     strongly (a sigma wall of an expected metric): hundreds of iterations. A damped
     matrix that is not positive definite counts as a rejected step.
 
+    Every iteration tries the undamped step first, then damps on rejection.
+
     Converged: an accepted step moved no interior node by more than
-    ``xtol * (1 + max|node|)`` (by 100 times less if the step was damped by more
-    than ``1e-4`` of the mean diagonal: a short step then says little about the
-    distance to the minimum).
+    ``tol = xtol * (1 + max|node|)`` (by 100 times less if the step was damped by
+    more than ``1e-4`` of the mean diagonal: a short step then says little about
+    the distance to the minimum); or two undamped steps in a row contracted
+    quadratically (``s_k <= s_{k-1} / 10``) and predict the next step,
+    ``s_k^3 / s_{k-1}^2``, below ``tol``. The nodes are then within about
+    ``tol`` of the minimizer, and the lengths, stationary there, far closer.
+    Measured on the digits VAE: a quarter fewer Hessians than always taking the
+    confirming step, tangent vectors changed by <= 3e-6 relative (their own
+    discretization error: ~1e-4), lengths by <= 4e-9.
     """
     curve = curve.clone()
     n, k, d = curve.shape
@@ -146,6 +158,8 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
     converged = torch.zeros(n, dtype=torch.bool, device=curve.device)
     failed = torch.zeros_like(converged)
     jitters = torch.zeros(n, dtype=torch.long, device=curve.device)
+    # Size of each pair's last accepted step if it was a Newton step (else inf).
+    newton_step = torch.full((n,), torch.inf, dtype=curve.dtype, device=curve.device)
     generator = torch.Generator(device="cpu").manual_seed(0)
     for _ in range(max_iter):
         active = (~converged & ~failed).nonzero().squeeze(-1)
@@ -170,28 +184,46 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
         eye = torch.eye(d, dtype=c.dtype, device=c.device)
         accepted = torch.zeros(na, dtype=torch.bool, device=c.device)
         lam = damping[active]
-        for _ in range(8):
+        for attempt in range(9):
             todo = (~accepted).nonzero().squeeze(-1)
             if len(todo) == 0:
                 break
-            damped = diagonal[todo] + (lam[todo] * mean_diag[todo])[:, None, None, None] * eye
+            # Every iteration first tries the undamped Newton step: near the minimum it is
+            # accepted and converges quadratically, where a damping kept from earlier,
+            # harder iterations would crawl (measured: most of the iterations at the fine levels).
+            pure = (lam[todo] > _UNDAMPED) if attempt == 0 else torch.zeros_like(todo, dtype=torch.bool)
+            lam_try = torch.where(pure, _UNDAMPED, lam[todo])
+            damped = diagonal[todo] + (lam_try * mean_diag[todo])[:, None, None, None] * eye
             step, positive = solve_block_tridiagonal(damped, coupling[todo], gradient[todo])
             step = torch.where(positive[:, None, None], -step, torch.zeros_like(step))
             trial = c[todo].clone()
             trial[:, 1:-1] += step
             e_trial = _energy(embed, trial)
             e_now = energy[active[todo]]
-            ok = positive & torch.isfinite(e_trial) & (e_trial <= e_now)
+            newton_like = lam_try <= 1e-4
+            tolerance = xtol * scale[active[todo]] * torch.where(newton_like, 1.0, 1e-2)
+            size = step.abs().amax((1, 2))
+            small = size <= tolerance
+            # Two Newton steps in a row, the second at most a tenth of the first: the iteration
+            # is in its quadratic regime and the next step would be about size^3 / previous^2.
+            # Below the tolerance, that step is not taken (it would cost a Hessian per node).
+            previous = newton_step[active[todo]]
+            contracting = newton_like & torch.isfinite(previous) & (size <= 0.1 * previous)
+            predicted = size**3 / previous.clamp_min(torch.finfo(size.dtype).tiny) ** 2
+            quadratic = contracting & (predicted <= tolerance)
+            finite = positive & torch.isfinite(e_trial)
+            # A small step may change the energy by less than its rounding error (measured up
+            # to ~1e-13 relative on 512 segments): then the sign of the change says nothing.
+            ok = finite & ((e_trial <= e_now) | (small & (e_trial <= e_now * (1 + _ENERGY_ROUNDING))))
             rows = active[todo[ok]]
             curve[rows] = trial[ok]
             energy[rows] = e_trial[ok]
-            newton_like = lam[todo] <= 1e-4
-            tolerance = xtol * scale[active[todo]] * torch.where(newton_like, 1.0, 1e-2)
-            small = step.abs().amax((1, 2)) <= tolerance
-            converged[active[todo[ok & small]]] = True
+            newton_step[rows] = torch.where(newton_like[ok], size[ok], torch.inf)
+            converged[active[todo[ok & (small | quadratic)]]] = True
             accepted[todo[ok]] = True
             lam[todo[ok]] = lam[todo[ok]] / 3
-            lam[todo[~ok]] = lam[todo[~ok]] * 10
+            raise_ = ~ok & ~pure
+            lam[todo[raise_]] = lam[todo[raise_]] * 10
         damping[active] = lam.clamp(1e-12, 1e12)
         # No descent even along (nearly) the steepest direction: a kink of a ReLU-like
         # decoder (the energy is only piecewise smooth). Nudge the nodes off it and go
@@ -256,9 +288,10 @@ def discrete_geodesic(
         First guess; the straight segment if None.
     xtol : float, optional
         Node-step tolerance, relative to ``1 + max|node|``. Default, in float64:
-        ``1e-6`` with Newton steps (``d <= 4``; convergence is quadratic, so
-        the nodes are then ~``1e-10`` from the minimizer), ``1e-8`` with
-        Gauss-Newton steps (linear convergence); ``1e-5`` in float32.
+        ``1e-6`` with Newton steps (``d <= 4``; the nodes end within about
+        that of the minimizer, the lengths to its square), ``1e-8`` with
+        Gauss-Newton steps (linear convergence: a short step says less);
+        ``1e-5`` in float32.
     smooth : bool
         False for piecewise-linear (ReLU-like) decoders: their energy is only
         piecewise smooth, Newton steps land on its kinks and stall there, so
