@@ -198,7 +198,6 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
             step = torch.where(positive[:, None, None], -step, torch.zeros_like(step))
             trial = c[todo].clone()
             trial[:, 1:-1] += step
-            e_trial = _energy(embed, trial)
             e_now = energy[active[todo]]
             newton_like = lam_try <= 1e-4
             tolerance = xtol * scale[active[todo]] * torch.where(newton_like, 1.0, 1e-2)
@@ -211,10 +210,17 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
             contracting = newton_like & torch.isfinite(previous) & (size <= 0.1 * previous)
             predicted = size**3 / previous.clamp_min(torch.finfo(size.dtype).tiny) ** 2
             quadratic = contracting & (predicted <= tolerance)
+            # A last Newton step (positive definite matrix, converged by the tests above) is
+            # taken without evaluating the energy: it can change it only at rounding level.
+            sure = positive & newton_like & (small | quadratic)
+            e_trial = e_now.clone()
+            if not sure.all():
+                e_trial[~sure] = _energy(embed, trial[~sure])
             finite = positive & torch.isfinite(e_trial)
             # A small step may change the energy by less than its rounding error (measured up
             # to ~1e-13 relative on 512 segments): then the sign of the change says nothing.
-            ok = finite & ((e_trial <= e_now) | (small & (e_trial <= e_now * (1 + _ENERGY_ROUNDING))))
+            within = small & (e_trial <= e_now * (1 + _ENERGY_ROUNDING))
+            ok = finite & (sure | (e_trial <= e_now) | within)
             rows = active[todo[ok]]
             curve[rows] = trial[ok]
             energy[rows] = e_trial[ok]
