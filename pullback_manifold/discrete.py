@@ -173,7 +173,7 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
             break
         c = curve[active]
         na = len(active)
-        values, J, second = _node_jet(embed, c.reshape(-1, d), hessian=d <= _NEWTON_MAX_DIM)
+        values, J, second = _node_jet(embed, c.reshape(-1, d), hessian=full_newton)
         values = values.reshape(na, k, -1)
         J = J.reshape(na, k, -1, d)
         segments = values[:, 1:] - values[:, :-1]  # (na, N, D)

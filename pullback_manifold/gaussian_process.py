@@ -129,8 +129,8 @@ class GaussianProcessDecoder(MetricDecoder):
         self.noise_variance = float(noise_variance)
         self.output_mean = Y.mean(0)
         self._inv_sq_ell = self.lengthscale.pow(-2)
-        K = self.signal_variance * torch.exp(-0.5 * _sq_dists(X, X, self._inv_sq_ell))
-        K = K + (self.noise_variance + jitter * self.signal_variance) * torch.eye(n, dtype=_F64, device=X.device)
+        ridge = (self.noise_variance + jitter * self.signal_variance) * torch.eye(n, dtype=_F64, device=X.device)
+        K = self._kernel(X, X, self._inv_sq_ell) + ridge
         L, info = torch.linalg.cholesky_ex(K)
         if info != 0:
             raise ValueError(
@@ -184,12 +184,12 @@ class GaussianProcessDecoder(MetricDecoder):
         return X, Y
 
     # ----------------------------------------------------------- kernel
-    def _kernel(self, a: Tensor, b: Tensor, c: _Constants) -> Tensor:
-        return self.signal_variance * torch.exp(-0.5 * _sq_dists(a, b, c.inv_sq_ell))
+    def _kernel(self, a: Tensor, b: Tensor, inv_sq_ell: Tensor) -> Tensor:
+        return self.signal_variance * torch.exp(-0.5 * _sq_dists(a, b, inv_sq_ell))
 
     def _kernel_grad(self, z: Tensor, c: _Constants) -> tuple[Tensor, Tensor]:
         """``k(z, X)`` ``(m, n)`` and its gradient in ``z``, ``dk[m, i, n] = d k(z_m, X_n) / d z_i``."""
-        k = self._kernel(z, c.inputs, c)
+        k = self._kernel(z, c.inputs, c.inv_sq_ell)
         diff = z.unsqueeze(-2) - c.inputs  # (m, n, d)
         dk = -(diff * c.inv_sq_ell).transpose(-1, -2) * k.unsqueeze(-2)
         return k, dk
@@ -197,7 +197,7 @@ class GaussianProcessDecoder(MetricDecoder):
     # ---------------------------------------------------------- posterior
     def _posterior_mean64(self, z: Tensor) -> Tensor:
         c = self._constants(z.device)
-        return self._kernel(z, c.inputs, c) @ c.alpha + c.output_mean
+        return self._kernel(z, c.inputs, c.inv_sq_ell) @ c.alpha + c.output_mean
 
     def _embed(self, z: Tensor) -> Tensor:
         return self._posterior_mean64(z.to(_F64)).to(z.dtype)
@@ -217,7 +217,7 @@ class GaussianProcessDecoder(MetricDecoder):
         """
         z64 = z.to(_F64)
         c = self._constants(z.device)
-        k = self._kernel(z64, c.inputs, c)
+        k = self._kernel(z64, c.inputs, c.inv_sq_ell)
         A = k @ c.chol_inv.T  # rows: L^{-1} k(X, z)
         variance = (self.signal_variance - A.pow(2).sum(-1)).clamp_min(0)
         return (k @ c.alpha + c.output_mean).to(z.dtype), variance.to(z.dtype)
@@ -236,8 +236,8 @@ class GaussianProcessDecoder(MetricDecoder):
         """
         z64 = z.to(_F64)
         c = self._constants(z.device)
-        A = self._kernel(z64, c.inputs, c) @ c.chol_inv.T
-        return (self._kernel(z64, z64, c) - A @ A.T).to(z.dtype)
+        A = self._kernel(z64, c.inputs, c.inv_sq_ell) @ c.chol_inv.T
+        return (self._kernel(z64, z64, c.inv_sq_ell) - A @ A.T).to(z.dtype)
 
     def _jacobian_moments64(self, z: Tensor) -> tuple[Tensor, Tensor]:
         c = self._constants(z.device)
