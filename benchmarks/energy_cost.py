@@ -47,13 +47,13 @@ def main(argv=None) -> int:
     space = PullbackManifold(problem.decoder, problem.dim, on_failure="ignore")
 
     passes = [0]
-    node_jet = discrete._node_jet
+    node_derivatives = discrete._node_derivatives
 
-    def counting(embed, nodes, hessian):
+    def counting(embed, nodes, *args):
         passes[0] += len(nodes)
-        return node_jet(embed, nodes, hessian)
+        return node_derivatives(embed, nodes, *args)
 
-    discrete._node_jet = counting
+    discrete._node_derivatives = counting
     try:
         space.metric.solve_log(z1[:2] * 0.9, z0[:2] * 0.9, method="energy")  # warm-up
         best = float("inf")
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             result = space.metric.solve_log(z1, z0, method="energy")
             best = min(best, time.perf_counter() - start)
     finally:
-        discrete._node_jet = node_jet
+        discrete._node_derivatives = node_derivatives
     n = len(z0)
     levels = torch.bincount(result.n_iterations).tolist()
     print(

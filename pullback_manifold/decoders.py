@@ -93,6 +93,10 @@ class _TorchFunction:
         if isinstance(self.fn, nn.Module):
             self._state(dtype, device)
 
+    def _casts_to_input(self) -> bool:
+        """Whether it runs in its input's dtype: an ``nn.Module``, whose parameters are cast to it."""
+        return isinstance(self.fn, nn.Module)
+
     def jet(self, jet: Jet) -> Jet:
         """Taylor-mode derivatives (:mod:`~pullback_manifold.jets`), in eval mode with the cast parameters."""
         if isinstance(self.fn, nn.Module):
@@ -155,6 +159,9 @@ class _CompactFunction:
     def prepare(self, dtype: torch.dtype, device: torch.device) -> None:
         self.fn.prepare(dtype, device)
 
+    def _casts_to_input(self) -> bool:
+        return True  # made from nn.Modules only
+
     def _state_and_factor(self, like: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         return self.fn._output_weight(like, self.last, "factor", _triangular_factor)
 
@@ -187,6 +194,9 @@ class _CompactEmbedding:
 
     def __init__(self, parts: list[tuple[_TorchFunction | _CompactFunction, float]]):
         self.parts = parts
+
+    def _casts_to_input(self) -> bool:
+        return all(fn._casts_to_input() for fn, _ in self.parts)
 
     def __call__(self, z: Tensor) -> Tensor:
         outs = [(_flatten_output(fn(z), z, "decoder"), scale) for fn, scale in self.parts]
@@ -247,6 +257,12 @@ class Decoder(abc.ABC):
     def _parts(self) -> list[tuple[_TorchFunction, float]] | None:
         """The functions whose outputs, scaled and concatenated, are :meth:`embed`; None if it is not built so."""
         return None
+
+    def _casts_to_input(self) -> bool:
+        """Whether :meth:`embed` runs in its input's dtype: it is made of ``nn.Module`` s,
+        whose parameters are cast (plain callables may close over tensors of any dtype)."""
+        parts = self._parts()
+        return parts is not None and all(fn._casts_to_input() for fn, _ in parts)
 
     def _overrides(self, base: type, *names: str) -> bool:
         """Whether a subclass redefines any of ``base``'s methods ``names`` (then :meth:`_parts`
@@ -504,6 +520,13 @@ class MetricDecoder(Decoder):
         G : Tensor, shape=[n, d, d]
             Symmetric positive (semi-)definite.
         """
+
+
+def casts_to_input(embed) -> bool:
+    """Whether ``embed`` (a decoder, or a map the geometry made from one) runs in the dtype of
+    its input, so that it can be evaluated in float32 by passing float32 points."""
+    method = getattr(embed, "_casts_to_input", None)
+    return callable(method) and bool(method())
 
 
 def as_decoder(decoder) -> Decoder:

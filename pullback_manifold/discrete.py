@@ -29,11 +29,11 @@ import torch
 from torch import Tensor
 
 from .block_tridiagonal import solve_block_tridiagonal
-from .decoders import MetricDecoder
+from .decoders import MetricDecoder, casts_to_input
 from .geodesics import LogResult
 from .geometry import Embedding, _squared_speeds, curve_energy, curve_length, embedding_jet, metric_matrix
 
-__all__ = ["discrete_geodesic", "energy_log", "interpolate_curve", "arc_length_times"]
+__all__ = ["discrete_geodesic", "energy_log", "newton_derivative_dtype", "interpolate_curve", "arc_length_times"]
 
 
 def _straight_curve(point: Tensor, base_point: Tensor, n_segments: int) -> Tensor:
@@ -71,27 +71,37 @@ def _refine_cubic(curve: Tensor) -> Tensor:
     return out
 
 
-def _node_jet(embed, nodes: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``f`` ``(m, D)``, ``J`` ``(m, D, d)`` and, if ``hessian``, the second derivatives
-    ``d^2 f[e_a, e_b]`` ``(P, m, D)`` for the ``P = d (d + 1) / 2`` pairs ``a <= b``
-    (:func:`torch.triu_indices` order), all from one Taylor-mode pass per chunk of nodes."""
+def _node_derivatives(embed, nodes: Tensor, hessian: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The transposed Jacobians ``J^T`` ``(m, d, D)`` (rows: derivatives along the
+    coordinate directions) and, if ``hessian``, the second derivatives ``d^2 f[e_a, e_b]``
+    ``(P, m, D)`` for the ``P = d (d + 1) / 2`` pairs ``a <= b`` (:func:`torch.triu_indices`
+    order), from one Taylor-mode pass per chunk of nodes, computed in ``dtype`` and returned
+    in the nodes' dtype. A chunk with a non-finite derivative in a lower ``dtype`` (overflow)
+    is computed again in the nodes' own."""
     m, d = nodes.shape
     pairs = tuple(torch.triu_indices(d, d, device=nodes.device)) if hessian else None
-    values, firsts, seconds = [], [], []
-    for chunk in nodes.split(_NODE_CHUNK):
-        basis = torch.eye(d, dtype=nodes.dtype, device=nodes.device)[:, None, :].expand(d, len(chunk), d)
-        jet = embedding_jet(embed, chunk, basis, pair=pairs)
-        values.append(jet.value)
-        firsts.append(jet.first.permute(1, 2, 0))
-        seconds.append(jet.second)
-    if len(values) == 1:
-        return values[0], firsts[0], seconds[0]
-    return torch.cat(values), torch.cat(firsts), torch.cat(seconds, 1) if hessian else None
+    firsts = seconds = None
+    for start in range(0, m, _NODE_CHUNK):
+        chunk = nodes[start : start + _NODE_CHUNK]
+        for precision in (dtype, nodes.dtype):
+            basis = torch.eye(d, dtype=precision, device=nodes.device)[:, None, :].expand(d, len(chunk), d)
+            jet = embedding_jet(embed, chunk.to(precision), basis, pair=pairs)
+            first, second = jet.first, jet.second  # (d, c, D), (P, c, D)
+            # One reduction per tensor: any inf or nan makes the sum non-finite.
+            if precision == nodes.dtype or torch.isfinite(first.sum() + (0 if second is None else second.sum())):
+                break
+        if firsts is None:
+            firsts = nodes.new_empty(m, d, first.shape[-1])
+            seconds = nodes.new_empty(len(second), m, first.shape[-1]) if hessian else None
+        firsts[start : start + len(chunk)] = first.transpose(0, 1)
+        if hessian:
+            seconds[:, start : start + len(chunk)] = second
+    return firsts, seconds
 
 
 def _curvature_blocks(second: Tensor, weights: Tensor, d: int) -> Tensor:
     """``C[i] = sum_D weights[i, D] d^2 f_D(nodes[i])`` ``(m, d, d)`` from the pairs of
-    :func:`_node_jet`: the second-order part of the energy's Hessian, which
+    :func:`_node_derivatives`: the second-order part of the energy's Hessian, which
     Gauss-Newton leaves out."""
     m = second.shape[1]
     a, b = torch.triu_indices(d, d, device=second.device)
@@ -114,20 +124,87 @@ _UNDAMPED = 1e-12
 _ENERGY_ROUNDING = 2e4
 
 
-def _decoded_steps(embed, curve: Tensor) -> Tensor:
-    """``f(c_{i+1}) - f(c_i)`` ``(n, N, D)``, decoding chunks of nodes."""
+def _decoded(embed, curve: Tensor) -> Tensor:
+    """``f(c_i)`` ``(n, N + 1, D)``, decoding chunks of nodes."""
     n, k, d = curve.shape
     decoded = torch.cat([embed(chunk).reshape(len(chunk), -1) for chunk in curve.reshape(-1, d).split(_NODE_CHUNK)])
-    decoded = decoded.reshape(n, k, -1)
+    return decoded.reshape(n, k, -1)
+
+
+def _decoded_steps(embed, curve: Tensor) -> Tensor:
+    """``f(c_{i+1}) - f(c_i)`` ``(n, N, D)``."""
+    decoded = _decoded(embed, curve)
     return decoded[:, 1:] - decoded[:, :-1]
 
 
-def _energy(embed, curve: Tensor) -> Tensor:
-    return 0.5 * (curve.shape[1] - 1) * _decoded_steps(embed, curve).pow(2).sum((1, 2))
+def _energy(decoded: Tensor) -> Tensor:
+    """Energy ``(n,)`` of polygons from their decoded nodes ``(n, N + 1, D)``."""
+    return 0.5 * (decoded.shape[1] - 1) * (decoded[:, 1:] - decoded[:, :-1]).pow(2).sum((1, 2))
+
+
+# Float32 derivatives are used for node tolerances from this up (see newton_derivative_dtype).
+_FLOAT32_XTOL = 1e-6
+# Nodes at which float32 derivatives are compared with float64 ones before a float64 solve uses them.
+_PROBE_NODES = 32
+# Their largest relative difference (per node, Frobenius) for the float32 ones to be used.
+# Measured: about 1e-7 for J and 1e-6 for d^2 f on the benchmark decoders (float32 rounding).
+_FLOAT32_AGREEMENT = 1e-5
+
+
+def _disagreement(exact: Tensor, approximate: Tensor) -> Tensor:
+    """Largest relative difference of per-node derivatives ``(m, ...)``."""
+    exact, approximate = exact.reshape(len(exact), -1), approximate.reshape(len(exact), -1)
+    tiny = torch.finfo(exact.dtype).tiny
+    out = ((exact - approximate).norm(dim=-1) / exact.norm(dim=-1).clamp_min(tiny)).max()
+    import os
+    if os.environ.get("PM_DEBUG"): print("disagreement", out.item())
+    return out
+
+
+def newton_derivative_dtype(embed, nodes: Tensor) -> torch.dtype:
+    """The dtype of the decoder derivatives in the Newton matrices of a solve at ``nodes`` ``(m, d)``.
+
+    float32 for float64 nodes when the decoder runs in float32 (made of
+    ``nn.Module`` s, whose parameters are cast: see
+    :func:`~pullback_manifold.decoders.casts_to_input`) and its float32
+    derivatives agree with its float64 ones at a sample of the nodes; else the
+    nodes' dtype.
+
+    The derivatives enter only the Newton step (matrix and gradient), not the
+    energies, residuals or lengths, which stay in float64. Their rounding
+    errors, about ``1e-7`` relative, slow Newton's convergence a little and
+    move the point it converges to: measured on 60 digits-VAE pairs, by
+    ``1e-8`` - ``4e-8`` of ``1 + max|node|`` (median) and at most ``6e-7``
+    (256 segments; it grows with the number of nodes). That is why
+    :func:`discrete_geodesic` uses them only for a node tolerance ``xtol``
+    of ``1e-6`` or more (its float64 default). Lengths are stationary at the
+    minimizer, so they move by the square of that. Float32 passes of a small
+    MLP decoder cost about half of float64 ones on a CPU.
+    """
+    if nodes.dtype != torch.float64 or not casts_to_input(embed):
+        return nodes.dtype
+    hessian = nodes.shape[-1] <= _NEWTON_MAX_DIM
+    index = torch.linspace(0, len(nodes) - 1, min(len(nodes), _PROBE_NODES), device=nodes.device).round().long()
+    sample = nodes[index]
+    try:
+        out = embed(sample.to(torch.float32))
+    except RuntimeError:  # e.g. a float64 constant made in forward(), matrix-multiplied
+        return nodes.dtype
+    if out.dtype != torch.float32:
+        return nodes.dtype
+    Jt, second = _node_derivatives(embed, sample, hessian, nodes.dtype)
+    Jt_low, second_low = _node_derivatives(embed, sample, hessian, torch.float32)
+    if _disagreement(Jt, Jt_low) > _FLOAT32_AGREEMENT:
+        return nodes.dtype
+    if hessian and _disagreement(second.transpose(0, 1), second_low.transpose(0, 1)) > _FLOAT32_AGREEMENT:
+        return nodes.dtype
+    return torch.float32
 
 
 @torch.no_grad()
-def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Tensor, Tensor]:
+def _gauss_newton(
+    embed, curve: Tensor, max_iter: int, xtol: float, derivative_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Damped Newton (Levenberg-Marquardt) on the polygon energy; returns ``(curve, converged (n,))``.
 
     The Hessian is the Gauss-Newton part ``N J^T J`` plus, for ``d <= 4``, the
@@ -157,7 +234,12 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
     if m == 0:
         return curve, torch.ones(n, dtype=torch.bool, device=curve.device)
     scale = 1 + curve.abs().amax((1, 2))
-    energy = _energy(embed, curve)
+    # Decoded nodes, from the energy evaluations: the residuals in the gradient are their
+    # differences, in the curve's dtype whatever the derivatives' (see newton_derivative_dtype).
+    # A pair whose last step skipped the energy (``sure`` below) has converged: its entry is
+    # not read again.
+    decoded = _decoded(embed, curve)
+    energy = _energy(decoded)
     damping = torch.full((n,), 1e-6, dtype=curve.dtype, device=curve.device)
     converged = torch.zeros(n, dtype=torch.bool, device=curve.device)
     failed = torch.zeros_like(converged)
@@ -173,19 +255,18 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
             break
         c = curve[active]
         na = len(active)
-        values, J, second = _node_jet(embed, c.reshape(-1, d), hessian=full_newton)
-        values = values.reshape(na, k, -1)
-        J = J.reshape(na, k, -1, d)
+        Jt, second = _node_derivatives(embed, c.reshape(-1, d), full_newton, derivative_dtype)
+        Jt = Jt.reshape(na, k, d, -1)  # (d, D) per node: the batched products below read it in rows
+        values = decoded[active]
         segments = values[:, 1:] - values[:, :-1]  # (na, N, D)
-        Jt = J.transpose(-1, -2)
         inner = Jt[:, 1:-1]  # interior nodes
         gradient = N * (inner @ (segments[:, :-1] - segments[:, 1:]).unsqueeze(-1)).squeeze(-1)  # (na, m, d)
-        diagonal = 2 * N * (inner @ J[:, 1:-1])  # (na, m, d, d)
+        diagonal = 2 * N * (inner @ inner.transpose(-1, -2))  # (na, m, d, d)
         if second is not None:
             weights = N * (segments[:, :-1] - segments[:, 1:])  # gradient at interior node i = J_i^T weights_i
             second = second.reshape(len(second), na, k, -1)[:, :, 1:-1].reshape(len(second), na * m, -1)
             diagonal = diagonal + _curvature_blocks(second, weights.reshape(na * m, -1), d).reshape(na, m, d, d)
-        coupling = -N * (inner[:, :-1] @ J[:, 2:-1])  # between interior nodes i and i + 1
+        coupling = -N * (inner[:, :-1] @ Jt[:, 2:-1].transpose(-1, -2))  # between interior nodes i and i + 1
         mean_diag = diagonal.diagonal(dim1=-2, dim2=-1).mean((1, 2)).clamp_min(torch.finfo(c.dtype).tiny)
         eye = torch.eye(d, dtype=c.dtype, device=c.device)
         accepted = torch.zeros(na, dtype=torch.bool, device=c.device)
@@ -222,8 +303,11 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
             # energy: it can change it only at rounding level.
             sure = positive & newton_like & small
             e_trial = e_now.clone()
-            if not sure.all():
-                e_trial[~sure] = _energy(embed, trial[~sure])
+            d_trial = values[todo]  # stale for the ``sure`` steps, which converge
+            evaluate = positive & ~sure  # a matrix that is not positive definite gave no step
+            if evaluate.any():
+                d_trial[evaluate] = _decoded(embed, trial[evaluate])
+                e_trial[evaluate] = _energy(d_trial[evaluate])
             finite = positive & torch.isfinite(e_trial)
             # A short damped step may change the energy by less than its rounding error: then
             # the sign of the change says nothing.
@@ -232,6 +316,7 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
             rows = active[todo[ok]]
             curve[rows] = trial[ok]
             energy[rows] = e_trial[ok]
+            decoded[rows] = d_trial[ok]
             newton_step[rows] = torch.where(undamped[ok], size[ok], torch.inf)
             converged[active[todo[ok & (small | quadratic)]]] = True
             accepted[todo[ok]] = True
@@ -250,7 +335,8 @@ def _gauss_newton(embed, curve: Tensor, max_iter: int, xtol: float) -> tuple[Ten
                 shape = curve[retry, 1:-1].shape
                 noise = torch.randn(shape, generator=generator, dtype=curve.dtype, device="cpu").to(curve.device)
                 curve[retry, 1:-1] += 1e-6 * scale[retry, None, None] * noise
-                energy[retry] = _energy(embed, curve[retry])
+                decoded[retry] = _decoded(embed, curve[retry])
+                energy[retry] = _energy(decoded[retry])
                 damping[retry] = 1e-6
                 newton_step[retry] = torch.inf
                 jitters[retry] += 1
@@ -288,6 +374,7 @@ def discrete_geodesic(
     initial_curve: Tensor | None = None,
     xtol: float | None = None,
     smooth: bool = True,
+    derivative_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Minimize the energy of polygons with fixed end points, batched.
 
@@ -310,6 +397,13 @@ def discrete_geodesic(
         False for piecewise-linear (ReLU-like) decoders: their energy is only
         piecewise smooth, Newton steps land on its kinks and stall there, so
         L-BFGS is used instead.
+    derivative_dtype : torch.dtype, optional
+        Dtype in which the decoder's derivatives for the Newton matrices are
+        computed; energies and residuals stay in the points' dtype. Default:
+        :func:`newton_derivative_dtype` (float32 for float64 points where the
+        decoder runs in float32 and agrees with itself in float64) when
+        ``xtol >= 1e-6``, else the points' dtype: float32 derivatives put the
+        converged nodes up to about ``6e-7`` (relative) off the minimizer.
 
     Returns
     -------
@@ -331,11 +425,25 @@ def discrete_geodesic(
     elif initial_curve is not None:
         curve = initial_curve
     if xtol is None:
-        newton = point.shape[-1] <= _NEWTON_MAX_DIM
-        xtol = (1e-6 if newton else 1e-8) if point.dtype == torch.float64 else 1e-5
+        xtol = _default_xtol(point)
     if isinstance(embed, MetricDecoder) or not smooth:
         return _lbfgs(embed, curve, max_iter * 10)
-    return _gauss_newton(embed, curve, max_iter, xtol)
+    if derivative_dtype is None:
+        derivative_dtype = _derivative_dtype(embed, curve, xtol)
+    return _gauss_newton(embed, curve, max_iter, xtol, derivative_dtype)
+
+
+
+def _default_xtol(point: Tensor) -> float:
+    newton = point.shape[-1] <= _NEWTON_MAX_DIM
+    return (1e-6 if newton else 1e-8) if point.dtype == torch.float64 else 1e-5
+
+
+def _derivative_dtype(embed, curve: Tensor, xtol: float) -> torch.dtype:
+    """:func:`newton_derivative_dtype` at the nodes of ``curve`` where ``xtol`` allows float32."""
+    if xtol < _FLOAT32_XTOL:
+        return curve.dtype
+    return newton_derivative_dtype(embed, curve.reshape(-1, curve.shape[-1]))
 
 
 def _initial_direction(curve: Tensor) -> Tensor:
@@ -462,6 +570,7 @@ def energy_log(
     max_refinements: int | None = None,
     initial_curve: Tensor | None = None,
     global_start: bool = True,
+    derivative_dtype: torch.dtype | None = None,
 ):
     """Logarithm map from discrete geodesics, with a discretization-error estimate.
 
@@ -507,6 +616,12 @@ def energy_log(
         to the second level and going on from the shorter. Newton finds the
         geodesic nearest its start, and from the straight line that is often
         not the shortest one. False: the straight line.
+    derivative_dtype : torch.dtype, optional
+        Dtype of the decoder derivatives in the Newton matrices, at every
+        level (see :func:`discrete_geodesic`). Default: chosen once per call as
+        there, at the first level's nodes (float32 for a float64 solve on a
+        decoder made of ``nn.Module`` s with ``d <= 4``, where it passes
+        :func:`newton_derivative_dtype`'s check).
 
     Returns
     -------
@@ -546,9 +661,11 @@ def energy_log(
         runners_up = from_graph.nonzero().squeeze(-1)
         initial_curve = torch.cat([initial_curve, _straight_curve(point, base_point, n_segments)[runners_up]])
     both = torch.cat([torch.arange(n, device=point.device), runners_up])
-    curve, ok = discrete_geodesic(
-        embed, point[both], base_point[both], n_segments, max_iter, initial_curve=initial_curve, smooth=smooth
-    )
+    if derivative_dtype is None and smooth:
+        start = _straight_curve(point, base_point, n_segments) if initial_curve is None else initial_curve
+        derivative_dtype = _derivative_dtype(embed, start, _default_xtol(point))
+    options = dict(max_iter=max_iter, smooth=smooth, derivative_dtype=derivative_dtype)
+    curve, ok = discrete_geodesic(embed, point[both], base_point[both], n_segments, initial_curve=initial_curve, **options)
     if len(both) > n:
         # A straight-line run that ended on the grid route's polygon would only repeat it (a third
         # of them on the digits VAE): it stops here.
@@ -560,9 +677,7 @@ def energy_log(
     lengths, oks, directions = [_level_lengths(embed, curve, cross_check)], [ok], [_initial_direction(curve)]
     for _ in range(n_refinements):
         guess = _refine_cubic(curve) if smooth else _refine(curve)
-        curve, ok = discrete_geodesic(
-            embed, point[both], base_point[both], max_iter=max_iter, initial_curve=guess, smooth=smooth
-        )
+        curve, ok = discrete_geodesic(embed, point[both], base_point[both], initial_curve=guess, **options)
         lengths.append(_level_lengths(embed, curve, cross_check))
         oks.append(ok)
         directions.append(_initial_direction(curve))
@@ -585,9 +700,7 @@ def energy_log(
         if len(todo) == 0:
             break
         guess = _refine_cubic(curve[todo]) if smooth else _refine(curve[todo])
-        finer, ok_finer = discrete_geodesic(
-            embed, point[todo], base_point[todo], max_iter=max_iter, initial_curve=guess, smooth=smooth
-        )
+        finer, ok_finer = discrete_geodesic(embed, point[todo], base_point[todo], initial_curve=guess, **options)
         lengths = _advance(lengths, todo, _level_lengths(embed, finer, cross_check), 3)
         oks = _advance(oks, todo, ok_finer, 3)
         directions = _advance(directions, todo, _initial_direction(finer), 2)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from .decoders import Decoder, MetricDecoder, _concatenate, _flatten_jet
+from .decoders import Decoder, MetricDecoder, _concatenate, _flatten_jet, casts_to_input
 from .jets import Jet, propagate, stacked_gram
 
 # A map whose pull-back is the metric, or a MetricDecoder giving the metric directly.
@@ -86,6 +86,9 @@ class _RegularizedEmbedding:
 
     def __init__(self, embed: Embedding, eps: float):
         self.embed, self.scale = embed, eps**0.5
+
+    def _casts_to_input(self) -> bool:
+        return casts_to_input(self.embed)
 
     def __call__(self, z: Tensor) -> Tensor:
         out = self.embed(z)

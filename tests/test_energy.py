@@ -208,18 +208,22 @@ def test_newton_stops_within_its_tolerance_of_the_minimizer():
     """The discrete-geodesic Newton iteration may stop without taking the step that would
     confirm convergence, when two Newton steps in a row contracted quadratically. The nodes
     it returns must still be within ``xtol * (1 + max|node|)`` of the exact minimizer:
-    checked for two tolerances, with the full Hessian (d = 2) and with Gauss-Newton steps
+    checked for several tolerances, with the full Hessian (d = 2) and with Gauss-Newton steps
     (d = 5, linear convergence), against a dense Newton iteration run here to machine
-    precision."""
+    precision. With d = 2, also for the network wrapped as a decoder, whose Newton matrices
+    are then float32 for the tolerances that allow it (>= 1e-6; at 1e-9 they would put the
+    nodes 4e-9 off)."""
     from decoders_zoo import tanh_mlp
 
-    from pullback_manifold.discrete import _energy, discrete_geodesic
+    from pullback_manifold.decoders import as_decoder
+    from pullback_manifold.discrete import _decoded, _energy, discrete_geodesic
 
     def energy(inner, ends, net):
-        return _energy(net, torch.cat([ends[:1], inner, ends[1:]])[None])[0]
+        return _energy(_decoded(net, torch.cat([ends[:1], inner, ends[1:]])[None]))[0]
 
-    for d, xtols in ((2, (1e-4, 1e-9)), (5, (1e-6, 1e-9))):
+    for d, wrap, xtols in ((2, False, (1e-4, 1e-9)), (2, True, (1e-4, 1e-6, 1e-9)), (5, False, (1e-6, 1e-9))):
         net = tanh_mlp(d, 12, hidden=16, seed=3).requires_grad_(False)
+        net = as_decoder(net) if wrap else net
         g = torch.Generator().manual_seed(0)
         z0 = 1.5 * torch.randn(4, d, generator=g, dtype=F64)
         z1 = 1.5 * torch.randn(4, d, generator=g, dtype=F64)
@@ -235,3 +239,82 @@ def test_newton_stops_within_its_tolerance_of_the_minimizer():
                 assert torch.func.grad(energy)(exact, ends, net).abs().max() < 1e-11  # the reference converged
                 miss = (curve[pair, 1:-1] - exact).abs().max()
                 assert miss <= xtol * (1 + curve[pair].abs().max()), (d, xtol, pair, miss)
+
+
+class _SphereChart(torch.nn.Module):
+    """The inverse stereographic chart as an nn.Module: the geometry may evaluate it in float32."""
+
+    def forward(self, z):
+        return inverse_stereographic(z)
+
+
+class _Float64Constant(torch.nn.Module):
+    """Multiplies by a float64 matrix made in forward(): it cannot run at float32 points."""
+
+    def forward(self, z):
+        return z @ torch.eye(z.shape[-1], 3, dtype=torch.float64)
+
+
+class _Oscillating(torch.nn.Module):
+    """sin(1e4 z): its float32 derivatives are off by about 1e-3."""
+
+    def forward(self, z):
+        return torch.cat([torch.sin(1e4 * z), z], dim=-1)
+
+
+class _Steep(torch.nn.Module):
+    """exp(60 z): overflows in float32 above z = 1.48, not in float64."""
+
+    def forward(self, z):
+        return torch.exp(60 * z)
+
+
+def test_newton_derivatives_are_float32_only_where_the_decoder_runs_and_agrees_in_float32():
+    """float32 Newton matrices for a float64 solve: only for decoders made of nn.Modules (their
+    parameters are cast) whose float32 derivatives agree with float64 ones at the nodes."""
+    from decoders_zoo import tanh_mlp
+
+    from pullback_manifold.decoders import as_decoder
+    from pullback_manifold.discrete import newton_derivative_dtype
+
+    nodes = torch.linspace(-1, 1, 20, dtype=F64)[:, None] * torch.tensor([1.0, 0.5], dtype=F64)
+    assert newton_derivative_dtype(as_decoder(tanh_mlp(2, 12, hidden=16, seed=3)), nodes) == torch.float32
+    assert newton_derivative_dtype(as_decoder(_SphereChart()), nodes) == torch.float32
+    assert newton_derivative_dtype(as_decoder(_SphereChart()), nodes.float()) == torch.float32  # already float32
+    assert newton_derivative_dtype(as_decoder(inverse_stereographic), nodes) == F64  # a plain callable
+    assert newton_derivative_dtype(_SphereChart(), nodes) == F64  # a bare module: not cast by the geometry
+    assert newton_derivative_dtype(as_decoder(_Float64Constant()), nodes) == F64
+    assert newton_derivative_dtype(as_decoder(_Oscillating()), nodes) == F64
+
+
+def test_derivative_chunks_that_overflow_in_float32_are_computed_in_float64():
+    from pullback_manifold.decoders import as_decoder
+    from pullback_manifold.discrete import _node_derivatives
+
+    decoder = as_decoder(_Steep())
+    nodes = torch.tensor([[0.1, 0.2], [1.0, 1.6], [1.7, -0.3]], dtype=F64)
+    exact = _node_derivatives(decoder, nodes, True, F64)
+    low = _node_derivatives(decoder, nodes, True, torch.float32)
+    assert torch.isfinite(exact[0]).all() and torch.isfinite(exact[1]).all()
+    for a, b in zip(exact, low):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+
+
+def test_float32_newton_matrices_give_the_float64_answer():
+    """The sphere chart as an nn.Module runs the energy method with float32 derivatives: the
+    distances are still great circles to the solver's tolerance, and lengths and log vectors
+    equal those of a float64-derivative solve to far below it."""
+    from pullback_manifold.decoders import as_decoder
+    from pullback_manifold.discrete import energy_log
+
+    decoder = as_decoder(_SphereChart())
+    g = torch.Generator().manual_seed(3)
+    z0, z1 = sample_cap(12, 1.2, g), sample_cap(12, 1.2, g)
+    truth = great_circle(inverse_stereographic(z0), inverse_stereographic(z1))
+    low, _, low_length = energy_log(decoder, z1, z0)
+    full, _, full_length = energy_log(decoder, z1, z0, derivative_dtype=F64)
+    assert low.converged.all() and full.converged.all()
+    assert ((low_length - truth).abs() / truth).max() <= 1e-5
+    assert ((low_length - full_length).abs() / full_length).max() <= 1e-10  # measured: 3e-16
+    tangent_change = (low.tangent_vec - full.tangent_vec).norm(dim=-1) / full.tangent_vec.norm(dim=-1)
+    assert tangent_change.max() <= 1e-7  # measured: 2e-9
