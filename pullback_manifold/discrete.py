@@ -74,7 +74,7 @@ def _refine_cubic(curve: Tensor) -> Tensor:
 def _node_derivatives(embed, nodes: Tensor, hessian: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """The transposed Jacobians ``J^T`` ``(m, d, D)`` (rows: derivatives along the
     coordinate directions) and, if ``hessian``, the second derivatives ``d^2 f[e_a, e_b]``
-    ``(P, m, D)`` for the ``P = d (d + 1) / 2`` pairs ``a <= b`` (:func:`torch.triu_indices`
+    ``(m, P, D)`` for the ``P = d (d + 1) / 2`` pairs ``a <= b`` (:func:`torch.triu_indices`
     order), from one Taylor-mode pass per chunk of nodes, computed in ``dtype`` and returned
     in the nodes' dtype. A chunk with a non-finite derivative in a lower ``dtype`` (overflow)
     is computed again in the nodes' own."""
@@ -92,23 +92,20 @@ def _node_derivatives(embed, nodes: Tensor, hessian: bool, dtype: torch.dtype) -
                 break
         if firsts is None:
             firsts = nodes.new_empty(m, d, first.shape[-1])
-            seconds = nodes.new_empty(len(second), m, first.shape[-1]) if hessian else None
+            seconds = nodes.new_empty(m, len(second), first.shape[-1]) if hessian else None
         firsts[start : start + len(chunk)] = first.transpose(0, 1)
         if hessian:
-            seconds[:, start : start + len(chunk)] = second
+            seconds[start : start + len(chunk)] = second.transpose(0, 1)
     return firsts, seconds
 
 
-def _curvature_blocks(second: Tensor, weights: Tensor, d: int) -> Tensor:
-    """``C[i] = sum_D weights[i, D] d^2 f_D(nodes[i])`` ``(m, d, d)`` from the pairs of
-    :func:`_node_derivatives`: the second-order part of the energy's Hessian, which
-    Gauss-Newton leaves out."""
-    m = second.shape[1]
-    a, b = torch.triu_indices(d, d, device=second.device)
-    values = (second * weights).sum(-1)  # (P, m)
-    blocks = second.new_zeros(m, d, d)
-    blocks[:, a, b] = values.T
-    blocks[:, b, a] = values.T
+def _symmetric_blocks(values: Tensor, d: int) -> Tensor:
+    """``(..., d, d)`` symmetric blocks from their upper triangles ``(..., P)`` in
+    :func:`torch.triu_indices` order."""
+    a, b = torch.triu_indices(d, d, device=values.device)
+    blocks = values.new_zeros(*values.shape[:-1], d, d)
+    blocks[..., a, b] = values
+    blocks[..., b, a] = values
     return blocks
 
 
@@ -196,20 +193,24 @@ def newton_derivative_dtype(embed, nodes: Tensor) -> torch.dtype:
     Jt_low, second_low = _node_derivatives(embed, sample, hessian, torch.float32)
     if _disagreement(Jt, Jt_low) > _FLOAT32_AGREEMENT:
         return nodes.dtype
-    if hessian and _disagreement(second.transpose(0, 1), second_low.transpose(0, 1)) > _FLOAT32_AGREEMENT:
+    if hessian and _disagreement(second, second_low) > _FLOAT32_AGREEMENT:
         return nodes.dtype
     return torch.float32
 
 
 @torch.no_grad()
 def _gauss_newton(
-    embed, curve: Tensor, max_iter: int, xtol: float, derivative_dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Damped Newton (Levenberg-Marquardt) on the polygon energy; returns ``(curve, converged (n,))``.
+    embed, curve: Tensor, max_iter: int, xtol: float, derivative_dtype: torch.dtype, known: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Damped Newton (Levenberg-Marquardt) on the polygon energy.
+
+    Returns ``(curve, converged (n,), decoded (n, N + 1, D))``, the last the decoded
+    nodes. ``known``: the decoded even nodes of ``curve`` ``(n, N / 2 + 1, D)``, when
+    it refines a polygon whose nodes were decoded (they are its even nodes).
 
     The Hessian is the Gauss-Newton part ``N J^T J`` plus, for ``d <= 4``, the
-    decoder's second derivatives weighted by the residuals (:func:`_curvature_blocks`,
-    ``d (d + 1) / 2`` jets per node, too many above that). Gauss-Newton
+    decoder's second derivatives weighted by the residuals (``d (d + 1) / 2`` more
+    derivative streams per node, too many above that). Gauss-Newton
     alone converges only linearly here, and slowly where the decoded surface bends
     strongly (a sigma wall of an expected metric): hundreds of iterations. A damped
     matrix that is not positive definite counts as a rejected step.
@@ -232,13 +233,19 @@ def _gauss_newton(
     n, k, d = curve.shape
     N, m = k - 1, k - 2
     if m == 0:
-        return curve, torch.ones(n, dtype=torch.bool, device=curve.device)
+        return curve, torch.ones(n, dtype=torch.bool, device=curve.device), _decoded(embed, curve)
     scale = 1 + curve.abs().amax((1, 2))
     # Decoded nodes, from the energy evaluations: the residuals in the gradient are their
     # differences, in the curve's dtype whatever the derivatives' (see newton_derivative_dtype).
     # A pair whose last step skipped the energy (``sure`` below) has converged: its entry is
     # not read again.
-    decoded = _decoded(embed, curve)
+    if known is None:
+        decoded = _decoded(embed, curve)
+    else:
+        decoded = torch.empty(n, k, known.shape[-1], dtype=known.dtype, device=known.device)
+        decoded[:, 0::2] = known
+        decoded[:, 1::2] = _decoded(embed, curve[:, 1::2])
+    stale = torch.zeros(n, dtype=torch.bool, device=curve.device)
     energy = _energy(decoded)
     damping = torch.full((n,), 1e-6, dtype=curve.dtype, device=curve.device)
     converged = torch.zeros(n, dtype=torch.bool, device=curve.device)
@@ -256,17 +263,24 @@ def _gauss_newton(
         c = curve[active]
         na = len(active)
         Jt, second = _node_derivatives(embed, c.reshape(-1, d), full_newton, derivative_dtype)
-        Jt = Jt.reshape(na, k, d, -1)  # (d, D) per node: the batched products below read it in rows
+        Jt = Jt.reshape(na, k, d, -1).contiguous()  # (d, D) per node: the products below read it in rows
+        D = Jt.shape[-1]
         values = decoded[active]
         segments = values[:, 1:] - values[:, :-1]  # (na, N, D)
+        weights = N * (segments[:, :-1] - segments[:, 1:])  # (na, m, D): the gradient at node i is J_i^T weights_i
         inner = Jt[:, 1:-1]  # interior nodes
-        gradient = N * (inner @ (segments[:, :-1] - segments[:, 1:]).unsqueeze(-1)).squeeze(-1)  # (na, m, d)
-        diagonal = 2 * N * (inner @ inner.transpose(-1, -2))  # (na, m, d, d)
+        gradient = (inner @ weights.unsqueeze(-1)).squeeze(-1)  # (na, m, d)
+        # [J_i^T; J_{i+1}^T] is a contiguous (2 d, D) block of Jt: one product gives the
+        # diagonal block J_i^T J_i and the coupling J_i^T J_{i+1} of node i.
+        pairs = Jt.as_strided((na, k - 1, 2 * d, D), (k * d * D, d * D, D, 1), Jt.storage_offset())
+        products = N * (inner @ pairs[:, 1:].transpose(-1, -2))  # (na, m, d, 2 d)
+        diagonal = 2 * products[..., :d]  # (na, m, d, d)
+        coupling = -products[:, :-1, :, d:]  # between interior nodes i and i + 1
         if second is not None:
-            weights = N * (segments[:, :-1] - segments[:, 1:])  # gradient at interior node i = J_i^T weights_i
-            second = second.reshape(len(second), na, k, -1)[:, :, 1:-1].reshape(len(second), na * m, -1)
-            diagonal = diagonal + _curvature_blocks(second, weights.reshape(na * m, -1), d).reshape(na, m, d, d)
-        coupling = -N * (inner[:, :-1] @ Jt[:, 2:-1].transpose(-1, -2))  # between interior nodes i and i + 1
+            # The second-order part of the Hessian, which Gauss-Newton leaves out:
+            # sum_D weights_i[D] d^2 f_D(node i), from the pairs a <= b of _node_derivatives.
+            curvature = (second.reshape(na, k, -1, D)[:, 1:-1] @ weights.unsqueeze(-1)).squeeze(-1)  # (na, m, P)
+            diagonal = diagonal + _symmetric_blocks(curvature, d)
         mean_diag = diagonal.diagonal(dim1=-2, dim2=-1).mean((1, 2)).clamp_min(torch.finfo(c.dtype).tiny)
         eye = torch.eye(d, dtype=c.dtype, device=c.device)
         accepted = torch.zeros(na, dtype=torch.bool, device=c.device)
@@ -317,6 +331,7 @@ def _gauss_newton(
             curve[rows] = trial[ok]
             energy[rows] = e_trial[ok]
             decoded[rows] = d_trial[ok]
+            stale[rows] = sure[ok]
             newton_step[rows] = torch.where(undamped[ok], size[ok], torch.inf)
             converged[active[todo[ok & (small | quadratic)]]] = True
             accepted[todo[ok]] = True
@@ -337,10 +352,13 @@ def _gauss_newton(
                 curve[retry, 1:-1] += 1e-6 * scale[retry, None, None] * noise
                 decoded[retry] = _decoded(embed, curve[retry])
                 energy[retry] = _energy(decoded[retry])
+                stale[retry] = False
                 damping[retry] = 1e-6
                 newton_step[retry] = torch.inf
                 jitters[retry] += 1
-    return curve, converged
+    if stale.any():
+        decoded[stale] = _decoded(embed, curve[stale])
+    return curve, converged, decoded
 
 
 def _lbfgs(embed, curve: Tensor, max_iter: int) -> tuple[Tensor, Tensor]:
@@ -413,24 +431,35 @@ def discrete_geodesic(
         The optimizer's stopping test held (not a statement on the
         discretization error: see :func:`energy_log`).
     """
-    if initial_curve is None:
-        curve = _straight_curve(point, base_point, n_segments)
-    if initial_curve is None and not smooth:
-        # Off the kinks of ReLU-like decoders: a node exactly on one (a symmetric pair puts
-        # the middle node on z_i = 0) sees a one-sided derivative that can vanish there.
+    curve = _first_guess(point, base_point, n_segments, smooth) if initial_curve is None else initial_curve
+    return _minimize(embed, curve, max_iter, xtol, smooth, derivative_dtype)[:2]
+
+
+def _first_guess(point: Tensor, base_point: Tensor, n_segments: int, smooth: bool) -> Tensor:
+    """The straight polygon; for a piecewise-linear decoder, nudged off the kinks: a node
+    exactly on one (a symmetric pair puts the middle node on z_i = 0) sees a one-sided
+    derivative that can vanish there."""
+    curve = _straight_curve(point, base_point, n_segments)
+    if not smooth:
         generator = torch.Generator(device="cpu").manual_seed(1)
         noise = torch.randn(curve[:, 1:-1].shape, generator=generator, dtype=curve.dtype, device="cpu").to(curve.device)
         chord = (point - base_point).abs().amax(-1)
         curve[:, 1:-1] += 1e-7 * chord[:, None, None] * noise
-    elif initial_curve is not None:
-        curve = initial_curve
+    return curve
+
+
+def _minimize(
+    embed, curve: Tensor, max_iter: int, xtol: float | None, smooth: bool, derivative_dtype, known=None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`discrete_geodesic` from its first guess, also returning the decoded nodes
+    (None where L-BFGS ran); ``known`` as in :func:`_gauss_newton`."""
     if xtol is None:
-        xtol = _default_xtol(point)
+        xtol = _default_xtol(curve)
     if isinstance(embed, MetricDecoder) or not smooth:
-        return _lbfgs(embed, curve, max_iter * 10)
+        return (*_lbfgs(embed, curve, max_iter * 10), None)
     if derivative_dtype is None:
         derivative_dtype = _derivative_dtype(embed, curve, xtol)
-    return _gauss_newton(embed, curve, max_iter, xtol, derivative_dtype)
+    return _gauss_newton(embed, curve, max_iter, xtol, derivative_dtype, known)
 
 
 
@@ -510,13 +539,15 @@ def _polygon_length(embed, curve: Tensor) -> Tensor:
     return (speeds.reshape(n, k - 1, 3) * weights).sum((1, 2))
 
 
-def _level_lengths(embed, curve: Tensor, cross_check: bool) -> Tensor:
+def _level_lengths(embed, curve: Tensor, cross_check: bool, decoded: Tensor | None = None) -> Tensor:
     """``(n, 2)``: the decoded chord length (what the energy sees) and the polygon's
-    quadrature length; ``(n, 1)`` without the cross-check."""
+    quadrature length; ``(n, 1)`` without the cross-check. ``decoded``: the decoded
+    nodes, if known."""
     if isinstance(embed, MetricDecoder):
         chord = curve_length(embed, curve)
     else:
-        chord = torch.linalg.vector_norm(_decoded_steps(embed, curve), dim=-1).sum(-1)
+        steps = _decoded_steps(embed, curve) if decoded is None else decoded[:, 1:] - decoded[:, :-1]
+        chord = torch.linalg.vector_norm(steps, dim=-1).sum(-1)
     return torch.stack([chord, _polygon_length(embed, curve)], -1) if cross_check else chord[:, None]
 
 
@@ -664,8 +695,11 @@ def energy_log(
     if derivative_dtype is None and smooth:
         start = _straight_curve(point, base_point, n_segments) if initial_curve is None else initial_curve
         derivative_dtype = _derivative_dtype(embed, start, _default_xtol(point))
-    options = dict(max_iter=max_iter, smooth=smooth, derivative_dtype=derivative_dtype)
-    curve, ok = discrete_geodesic(embed, point[both], base_point[both], n_segments, initial_curve=initial_curve, **options)
+    options = dict(max_iter=max_iter, xtol=None, smooth=smooth, derivative_dtype=derivative_dtype)
+    if initial_curve is None:
+        initial_curve = _first_guess(point, base_point, n_segments, smooth)
+    # ``decoded``: the decoded nodes of ``curve`` (None for L-BFGS), the next level's even nodes.
+    curve, ok, decoded = _minimize(embed, initial_curve, **options)
     if len(both) > n:
         # A straight-line run that ended on the grid route's polygon would only repeat it (a third
         # of them on the digits VAE): it stops here.
@@ -674,11 +708,12 @@ def energy_log(
         same = gap <= 1e-5 * (1 + curve[runners_up].abs().amax((1, 2)))
         keep = torch.cat([torch.arange(n, device=point.device), alternative[~same]])
         curve, ok, both, runners_up = curve[keep], ok[keep], both[keep], runners_up[~same]
-    lengths, oks, directions = [_level_lengths(embed, curve, cross_check)], [ok], [_initial_direction(curve)]
+        decoded = None if decoded is None else decoded[keep]
+    lengths, oks, directions = [_level_lengths(embed, curve, cross_check, decoded)], [ok], [_initial_direction(curve)]
     for _ in range(n_refinements):
         guess = _refine_cubic(curve) if smooth else _refine(curve)
-        curve, ok = discrete_geodesic(embed, point[both], base_point[both], initial_curve=guess, **options)
-        lengths.append(_level_lengths(embed, curve, cross_check))
+        curve, ok, decoded = _minimize(embed, guess, known=decoded, **options)
+        lengths.append(_level_lengths(embed, curve, cross_check, decoded))
         oks.append(ok)
         directions.append(_initial_direction(curve))
         if len(both) > n:
@@ -690,18 +725,23 @@ def energy_log(
             pick[runners_up] = torch.where(measure[alternative] < measure[runners_up], alternative, runners_up)
             lengths, oks, directions = ([level[pick] for level in window] for window in (lengths, oks, directions))
             curve, both = curve[pick], both[:n]
+            decoded = None if decoded is None else decoded[pick]
     length, error = _certify(lengths, smooth)
     # The estimate is trusted when the optimizer converged at the levels it compares.
     lengths, oks, directions = lengths[-3:], oks[-3:], directions[-2:]
     ok = torch.stack(oks).all(0)
     n_levels = torch.full((len(point),), n_refinements + 1, dtype=torch.long, device=point.device)
+    decoded_rows = torch.arange(n, device=point.device)  # the pairs whose finest nodes ``decoded`` holds
     for _ in range(max_refinements - n_refinements):
         todo = (torch.isfinite(length) & ~(ok & (error <= rtol))).nonzero().squeeze(-1)
         if len(todo) == 0:
             break
         guess = _refine_cubic(curve[todo]) if smooth else _refine(curve[todo])
-        finer, ok_finer = discrete_geodesic(embed, point[todo], base_point[todo], initial_curve=guess, **options)
-        lengths = _advance(lengths, todo, _level_lengths(embed, finer, cross_check), 3)
+        # Pairs refined now were refined last time too: their rows are among ``decoded_rows``.
+        known = None if decoded is None else decoded[torch.searchsorted(decoded_rows, todo)]
+        finer, ok_finer, decoded = _minimize(embed, guess, known=known, **options)
+        decoded_rows = todo
+        lengths = _advance(lengths, todo, _level_lengths(embed, finer, cross_check, decoded), 3)
         oks = _advance(oks, todo, ok_finer, 3)
         directions = _advance(directions, todo, _initial_direction(finer), 2)
         length[todo], error[todo] = _certify([level[todo] for level in lengths], smooth)
