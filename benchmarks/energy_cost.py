@@ -9,7 +9,9 @@ value, ``d`` first and ``d (d + 1) / 2`` second derivatives per node). Best of
 
 To compare two commits, run this file from one checkout with the package of another
 first on the path (``PYTHONPATH=/path/to/other/checkout``), alternating runs: the
-machine's speed drifts.
+machine's speed drifts. ``--save FILE`` keeps the answers (log vectors, their lengths,
+convergence flags, error estimates); ``--compare FILE`` prints how far this run's are
+from those.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/energy_cost.py --problem d --pairs 200
 """
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save", help="write the answers to this file (torch.save)")
+    parser.add_argument("--compare", help="compare the answers with those saved in this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -47,13 +51,15 @@ def main(argv=None) -> int:
     space = PullbackManifold(problem.decoder, problem.dim, on_failure="ignore")
 
     passes = [0]
-    node_derivatives = discrete._node_derivatives
+    # The derivative pass of the Newton iteration (named _node_jet before commit 4d77e1b).
+    name = "_node_derivatives" if hasattr(discrete, "_node_derivatives") else "_node_jet"
+    node_derivatives = getattr(discrete, name)
 
-    def counting(embed, nodes, *args):
+    def counting(embed, nodes, *args, **kwargs):
         passes[0] += len(nodes)
-        return node_derivatives(embed, nodes, *args)
+        return node_derivatives(embed, nodes, *args, **kwargs)
 
-    discrete._node_derivatives = counting
+    setattr(discrete, name, counting)
     try:
         space.metric.solve_log(z1[:2] * 0.9, z0[:2] * 0.9, method="energy")  # warm-up
         best = float("inf")
@@ -63,7 +69,7 @@ def main(argv=None) -> int:
             result = space.metric.solve_log(z1, z0, method="energy")
             best = min(best, time.perf_counter() - start)
     finally:
-        discrete._node_derivatives = node_derivatives
+        setattr(discrete, name, node_derivatives)
     n = len(z0)
     levels = torch.bincount(result.n_iterations).tolist()
     print(
@@ -72,6 +78,27 @@ def main(argv=None) -> int:
         f"{passes[0] / n:.0f} Newton node passes per log, converged {result.converged.float().mean():.4f}, "
         f"pairs per number of levels {levels}"
     )
+    answers = {
+        "tangent": result.tangent_vec,
+        "length": space.metric.norm(result.tangent_vec, z0),
+        "converged": result.converged,
+        "residual": result.residual,
+    }
+    if args.save:
+        torch.save(answers, args.save)
+    if args.compare:
+        saved = torch.load(args.compare)
+        moved = answers["length"] > 0  # pairs of equal points have no direction
+        q = torch.tensor([0.5, 1.0], dtype=saved["length"].dtype)
+        length = ((answers["length"] - saved["length"]).abs() / saved["length"])[moved].quantile(q)
+        tangent = (answers["tangent"] - saved["tangent"]).norm(dim=-1) / saved["tangent"].norm(dim=-1)
+        estimate = ((answers["residual"] - saved["residual"]).abs() / saved["residual"])[moved].quantile(q)
+        print(
+            f"against {args.compare}: lengths differ by {length[0]:.1e} (median), {length[1]:.1e} (max) relative; "
+            f"log vectors by {tangent[moved].quantile(q)[0]:.1e}, {tangent[moved].quantile(q)[1]:.1e}; "
+            f"error estimates by {estimate[0]:.1e}, {estimate[1]:.1e}; "
+            f"same convergence flags: {bool((answers['converged'] == saved['converged']).all())}"
+        )
     return 0
 
 
