@@ -74,15 +74,19 @@ def _refine_cubic(curve: Tensor) -> Tensor:
     return out
 
 
-def _node_derivatives(embed, nodes: Tensor, hessian: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+def _node_derivatives(
+    embed, nodes: Tensor, hessian: bool, dtype: torch.dtype, fallback: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """The transposed Jacobians ``J^T`` ``(m, d, D)`` (rows: derivatives along the
     coordinate directions) and, if ``hessian``, the second derivatives ``d^2 f[e_a, e_b]``
     ``(m, P, D)`` for the ``P = d (d + 1) / 2`` pairs ``a <= b`` (:func:`torch.triu_indices`
     order), from one Taylor-mode pass per chunk of nodes, computed in ``dtype`` and returned
-    in the nodes' dtype. A chunk with a non-finite derivative in a lower ``dtype`` (overflow)
-    is computed again in the nodes' own."""
+    in the nodes' dtype. With ``fallback``, a chunk with a non-finite derivative in a lower
+    ``dtype`` (overflow) is computed again, in the nodes' own."""
     m, d = nodes.shape
     pairs = tuple(torch.triu_indices(d, d, device=nodes.device)) if hessian else None
+    if m == 0:
+        return nodes.new_empty(0, d, 0), nodes.new_empty(0, len(pairs[0]), 0) if hessian else None
     firsts = seconds = None
     for start in range(0, m, _NODE_CHUNK):
         chunk = nodes[start : start + _NODE_CHUNK]
@@ -91,7 +95,9 @@ def _node_derivatives(embed, nodes: Tensor, hessian: bool, dtype: torch.dtype) -
             jet = embedding_jet(embed, chunk.to(precision), basis, pair=pairs)
             first, second = jet.first, jet.second  # (d, c, D), (P, c, D)
             # One reduction per tensor: any inf or nan makes the sum non-finite.
-            if precision == nodes.dtype or torch.isfinite(first.sum() + (0 if second is None else second.sum())):
+            if not fallback or precision == nodes.dtype:
+                break
+            if torch.isfinite(first.sum() + (0 if second is None else second.sum())):
                 break
         if firsts is None:
             firsts = nodes.new_empty(m, d, first.shape[-1])
@@ -180,23 +186,24 @@ def newton_derivative_dtype(embed, nodes: Tensor) -> torch.dtype:
     the digits VAE's decoder (an MLP and an RBF network) cost 15 µs per node
     against 34 µs in float64 (second order, one thread).
     """
-    if nodes.dtype != torch.float64 or not casts_to_input(embed):
+    finite = nodes[torch.isfinite(nodes).all(-1)]
+    if nodes.dtype != torch.float64 or not casts_to_input(embed) or len(finite) == 0:
         return nodes.dtype
     hessian = nodes.shape[-1] <= _NEWTON_MAX_DIM
-    index = torch.linspace(0, len(nodes) - 1, min(len(nodes), _PROBE_NODES), device=nodes.device).round().long()
-    sample = nodes[index]
+    index = torch.linspace(0, len(finite) - 1, min(len(finite), _PROBE_NODES), device=nodes.device).round().long()
+    sample = finite[index]
     try:
         out = embed(sample.to(torch.float32))
-    except RuntimeError:  # e.g. a float64 constant made in forward(), matrix-multiplied
+        if out.dtype != torch.float32:
+            return nodes.dtype
+        low = _node_derivatives(embed, sample, hessian, torch.float32, fallback=False)
+    except Exception:  # noqa: BLE001 -- a module that cannot run in float32 (e.g. a float64 constant in forward())
         return nodes.dtype
-    if out.dtype != torch.float32:
-        return nodes.dtype
-    Jt, second = _node_derivatives(embed, sample, hessian, nodes.dtype)
-    Jt_low, second_low = _node_derivatives(embed, sample, hessian, torch.float32)
-    if _disagreement(Jt, Jt_low) > _FLOAT32_AGREEMENT:
-        return nodes.dtype
-    if hessian and _disagreement(second, second_low) > _FLOAT32_AGREEMENT:
-        return nodes.dtype
+    exact = _node_derivatives(embed, sample, hessian, nodes.dtype)
+    for a, b in zip(exact, low):
+        # Not "> tolerance": a NaN (non-finite float32 derivatives, or float64 ones) must fail.
+        if a is not None and not _disagreement(a, b) <= _FLOAT32_AGREEMENT:
+            return nodes.dtype
     return torch.float32
 
 
@@ -322,11 +329,10 @@ def _gauss_newton(
             # energy: it can change it only at rounding level.
             sure = positive & newton_like & small
             e_trial = e_now.clone()
-            d_trial = values[todo]  # stale for the ``sure`` steps, which converge
             evaluate = positive & ~sure  # a matrix that is not positive definite gave no step
             if evaluate.any():
-                d_trial[evaluate] = _decoded(embed, trial[evaluate])
-                e_trial[evaluate] = _energy(d_trial[evaluate])
+                d_trial = _decoded(embed, trial[evaluate])
+                e_trial[evaluate] = _energy(d_trial)
             finite = positive & torch.isfinite(e_trial)
             # A short damped step may change the energy by less than its rounding error: then
             # the sign of the change says nothing.
@@ -335,8 +341,9 @@ def _gauss_newton(
             rows = active[todo[ok]]
             curve[rows] = trial[ok]
             energy[rows] = e_trial[ok]
-            decoded[rows] = d_trial[ok]
-            stale[rows] = sure[ok]
+            if evaluate.any():
+                decoded[active[todo[evaluate & ok]]] = d_trial[ok[evaluate]]
+            stale[rows] = sure[ok]  # accepted without a value pass: ``decoded`` is not theirs
             newton_step[rows] = torch.where(undamped[ok], size[ok], torch.inf)
             converged[active[todo[ok & (small | quadratic)]]] = True
             accepted[todo[ok]] = True
@@ -748,8 +755,14 @@ def energy_log(
         if len(todo) == 0:
             break
         guess = _refine_cubic(curve[todo]) if smooth else _refine(curve[todo])
-        # Pairs refined now were refined last time too: their rows are among ``decoded_rows``.
-        known = None if decoded is None else decoded[torch.searchsorted(decoded_rows, todo)]
+        # Pairs refined now were refined last time too (only those changed): their rows are
+        # among ``decoded_rows``.
+        known = None
+        if decoded is not None:
+            index = torch.searchsorted(decoded_rows, todo).clamp_max(len(decoded_rows) - 1)
+            if not torch.equal(decoded_rows[index], todo):
+                raise RuntimeError("energy_log: a pair to refine has no decoded finest level (internal error)")
+            known = decoded[index]
         finer, ok_finer, decoded = _minimize(embed, guess, known=known, **options)
         decoded_rows = todo
         lengths = _advance(lengths, todo, _level_lengths(embed, finer, cross_check, decoded), 3)

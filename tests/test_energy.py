@@ -262,6 +262,14 @@ class _Oscillating(torch.nn.Module):
         return torch.cat([torch.sin(1e4 * z), z], dim=-1)
 
 
+class _Float64Only(torch.nn.Module):
+    """Refuses float32 points with an AssertionError."""
+
+    def forward(self, z):
+        assert z.dtype == torch.float64, "float64 only"
+        return torch.tanh(z)
+
+
 class _Steep(torch.nn.Module):
     """exp(60 z): overflows in float32 above z = 1.48, not in float64."""
 
@@ -285,6 +293,12 @@ def test_newton_derivatives_are_float32_only_where_the_decoder_runs_and_agrees_i
     assert newton_derivative_dtype(_SphereChart(), nodes) == F64  # a bare module: not cast by the geometry
     assert newton_derivative_dtype(as_decoder(_Float64Constant()), nodes) == F64
     assert newton_derivative_dtype(as_decoder(_Oscillating()), nodes) == F64
+    assert newton_derivative_dtype(as_decoder(_Float64Only()), nodes) == F64
+    # A NaN node must not make the comparison vacuous (NaN > tol is False).
+    assert newton_derivative_dtype(as_decoder(_Oscillating()), torch.cat([nodes, nodes[:1] * torch.nan])) == F64
+    assert newton_derivative_dtype(as_decoder(_SphereChart()), nodes[:0]) == F64  # nothing to compare
+    # Derivatives that overflow in float32 at the sampled nodes: float64 (no fallback in the check).
+    assert newton_derivative_dtype(as_decoder(_Steep()), nodes + 1.6) == F64
 
 
 def test_derivative_chunks_that_overflow_in_float32_are_computed_in_float64():
