@@ -186,8 +186,10 @@ def newton_derivative_dtype(embed, nodes: Tensor) -> torch.dtype:
     the digits VAE's decoder (an MLP and an RBF network) cost 15 µs per node
     against 34 µs in float64 (second order, one thread).
     """
+    if nodes.dtype != torch.float64 or not casts_to_input(embed):
+        return nodes.dtype
     finite = nodes[torch.isfinite(nodes).all(-1)]
-    if nodes.dtype != torch.float64 or not casts_to_input(embed) or len(finite) == 0:
+    if len(finite) == 0:
         return nodes.dtype
     hessian = nodes.shape[-1] <= _NEWTON_MAX_DIM
     index = torch.linspace(0, len(finite) - 1, min(len(finite), _PROBE_NODES), device=nodes.device).round().long()
@@ -250,7 +252,7 @@ def _gauss_newton(
     # Decoded nodes, from the energy evaluations: the residuals in the gradient are their
     # differences, in the curve's dtype whatever the derivatives' (see newton_derivative_dtype).
     # A pair whose last step skipped the energy (``sure`` below) has converged: its entry is
-    # not read again.
+    # ``stale``, not read in the loop, and decoded again at the end.
     if known is None:
         decoded = _decoded(embed, curve)
     else:
@@ -710,12 +712,11 @@ def energy_log(
         runners_up = from_graph.nonzero().squeeze(-1)
         initial_curve = torch.cat([initial_curve, _straight_curve(point, base_point, n_segments)[runners_up]])
     both = torch.cat([torch.arange(n, device=point.device), runners_up])
-    if derivative_dtype is None and smooth:
-        start = _straight_curve(point, base_point, n_segments) if initial_curve is None else initial_curve
-        derivative_dtype = _derivative_dtype(embed, start, _default_xtol(point))
-    options = dict(max_iter=max_iter, xtol=None, smooth=smooth, derivative_dtype=derivative_dtype)
     if initial_curve is None:
         initial_curve = _first_guess(point, base_point, n_segments, smooth)
+    if derivative_dtype is None and smooth:
+        derivative_dtype = _derivative_dtype(embed, initial_curve, _default_xtol(point))
+    options = dict(max_iter=max_iter, xtol=None, smooth=smooth, derivative_dtype=derivative_dtype)
     # ``decoded``: the decoded nodes of ``curve`` (None for L-BFGS), the next level's even nodes.
     curve, ok, decoded = _minimize(embed, initial_curve, **options)
     if len(both) > n:
