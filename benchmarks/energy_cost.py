@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rtol", type=float, help="the energy method's rtol (default: the library's, 1e-5 in float64)")
     parser.add_argument("--save", help="write the answers to this file (torch.save)")
     parser.add_argument("--compare", help="compare the answers with those saved in this file")
     args = parser.parse_args(argv)
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
         z1, z0 = problem.throughput_pairs(args.pairs)
     else:
         z0, z1 = problem.z0, problem.z1
-    space = PullbackManifold(problem.decoder, problem.dim, on_failure="ignore")
+    space = PullbackManifold(problem.decoder, problem.dim, on_failure="ignore", energy_rtol=args.rtol)
 
     passes = [0]
     # The derivative pass of the Newton iteration (named _node_jet before commit 4d77e1b).

@@ -276,24 +276,27 @@ def _gauss_newton(
             break
         c = curve[active]
         na = len(active)
-        Jt, second = _node_derivatives(embed, c.reshape(-1, d), full_newton, derivative_dtype)
-        Jt = Jt.reshape(na, k, d, -1).contiguous()  # (d, D) per node: the products below read it in rows
+        # Derivatives at the interior nodes only: the end points are fixed.
+        Jt, second = _node_derivatives(embed, c[:, 1:-1].reshape(-1, d), full_newton, derivative_dtype)
         D = Jt.shape[-1]
+        # (d, D) per node, and a zero node after the last: [J_i^T; J_{i+1}^T] is then a
+        # contiguous (2 d, D) block for every interior i (the last one's neighbour, an end
+        # point, has no unknowns), so one product gives the diagonal block J_i^T J_i and the
+        # coupling J_i^T J_{i+1} of each node.
+        padded = torch.cat([Jt.reshape(na, m, d, D), Jt.new_zeros(na, 1, d, D)], 1)
+        inner = padded[:, :-1]
         values = decoded[active]
         segments = values[:, 1:] - values[:, :-1]  # (na, N, D)
         weights = N * (segments[:, :-1] - segments[:, 1:])  # (na, m, D): the gradient at node i is J_i^T weights_i
-        inner = Jt[:, 1:-1]  # interior nodes
         gradient = (inner @ weights.unsqueeze(-1)).squeeze(-1)  # (na, m, d)
-        # [J_i^T; J_{i+1}^T] is a contiguous (2 d, D) block of Jt: one product gives the
-        # diagonal block J_i^T J_i and the coupling J_i^T J_{i+1} of node i.
-        pairs = Jt.as_strided((na, k - 1, 2 * d, D), (k * d * D, d * D, D, 1), Jt.storage_offset())
-        products = N * (inner @ pairs[:, 1:].transpose(-1, -2))  # (na, m, d, 2 d)
+        pairs = padded.as_strided((na, m, 2 * d, D), ((m + 1) * d * D, d * D, D, 1), padded.storage_offset())
+        products = N * (inner @ pairs.transpose(-1, -2))  # (na, m, d, 2 d)
         diagonal = 2 * products[..., :d]  # (na, m, d, d)
         coupling = -products[:, :-1, :, d:]  # between interior nodes i and i + 1
         if second is not None:
             # The second-order part of the Hessian, which Gauss-Newton leaves out:
             # sum_D weights_i[D] d^2 f_D(node i), from the pairs a <= b of _node_derivatives.
-            curvature = (second.reshape(na, k, -1, D)[:, 1:-1] @ weights.unsqueeze(-1)).squeeze(-1)  # (na, m, P)
+            curvature = (second.reshape(na, m, -1, D) @ weights.unsqueeze(-1)).squeeze(-1)  # (na, m, P)
             diagonal = diagonal + _symmetric_blocks(curvature, d)
         mean_diag = diagonal.diagonal(dim1=-2, dim2=-1).mean((1, 2)).clamp_min(torch.finfo(c.dtype).tiny)
         eye = torch.eye(d, dtype=c.dtype, device=c.device)
@@ -333,7 +336,9 @@ def _gauss_newton(
             e_trial = e_now.clone()
             evaluate = positive & ~sure  # a matrix that is not positive definite gave no step
             if evaluate.any():
-                d_trial = _decoded(embed, trial[evaluate])
+                # The end points' values are known: only the interior is decoded.
+                d_trial = decoded[active[todo[evaluate]]]
+                d_trial[:, 1:-1] = _decoded(embed, trial[evaluate][:, 1:-1])
                 e_trial[evaluate] = _energy(d_trial)
             finite = positive & torch.isfinite(e_trial)
             # A short damped step may change the energy by less than its rounding error: then
