@@ -437,8 +437,9 @@ def discrete_geodesic(
         Segments of the polygon (``n_segments + 1`` nodes).
     max_iter : int
         Levenberg-Marquardt iterations (L-BFGS iterations for a MetricDecoder).
-    initial_curve : Tensor, shape=[n, n_segments + 1, d], optional
-        First guess; the straight segment if None.
+    initial_curve : Tensor, shape=[n, N + 1, d], optional
+        First guess (then ``n_segments = N``; its end nodes are replaced by
+        ``base_point`` and ``point``); the straight segment if None.
     xtol : float, optional
         Node-step tolerance, relative to ``1 + max|node|``. Default, in float64:
         ``1e-6`` with Newton steps (``d <= 4``; the nodes end within about
@@ -464,8 +465,37 @@ def discrete_geodesic(
         The optimizer's stopping test held (not a statement on the
         discretization error: see :func:`energy_log`).
     """
-    curve = _first_guess(point, base_point, n_segments, smooth) if initial_curve is None else initial_curve
+    curve = _checked_start(point, base_point, n_segments, initial_curve, 1)
+    if curve is None:
+        curve = _first_guess(point, base_point, n_segments, smooth)
     return _minimize(embed, curve, max_iter, xtol, smooth, derivative_dtype)[:2]
+
+
+def _checked_start(
+    point: Tensor, base_point: Tensor, n_segments: int, initial_curve: Tensor | None, min_segments: int
+) -> Tensor | None:
+    """Validate the arguments that set a polygon; return ``initial_curve`` with its end
+    points set to ``base_point`` and ``point`` (a copy), or None."""
+    if point.dim() != 2 or point.shape != base_point.shape:
+        raise ValueError(
+            f"point {tuple(point.shape)} and base_point {tuple(base_point.shape)}: expected the same shape (n, d)"
+        )
+    if initial_curve is None:
+        if isinstance(n_segments, bool) or not isinstance(n_segments, int) or n_segments < min_segments:
+            raise ValueError(f"n_segments must be an int >= {min_segments}, got {n_segments!r}")
+        return None
+    n, d = point.shape
+    if initial_curve.dim() != 3 or initial_curve.shape[0] != n or initial_curve.shape[2] != d:
+        raise ValueError(f"initial_curve has shape {tuple(initial_curve.shape)}: expected ({n}, N + 1, {d})")
+    if initial_curve.shape[1] < min_segments + 1:
+        raise ValueError(
+            f"initial_curve has {initial_curve.shape[1]} nodes: expected at least {min_segments + 1} "
+            f"({min_segments} segments)"
+        )
+    # A warm start from a neighbouring problem (its end points moved) joins the right points.
+    curve = initial_curve.to(point.dtype).clone()
+    curve[:, 0], curve[:, -1] = base_point, point
+    return curve
 
 
 def _first_guess(point: Tensor, base_point: Tensor, n_segments: int, smooth: bool) -> Tensor:
@@ -654,7 +684,8 @@ def energy_log(
     embed : callable ``(m, d) -> (m, D)``, or a MetricDecoder
     point, base_point : Tensor, shape=[n, d]
     n_segments : int
-        Segments of the coarsest polygon.
+        Segments of the coarsest polygon (>= 2: the initial direction is a
+        three-node difference).
     n_refinements : int, optional
         Doublings for every pair (>= 1, for the error estimate). Default 2, or 3
         when not ``smooth``.
@@ -676,8 +707,9 @@ def energy_log(
         pair marked converged -- the nonsmooth energy has local minima that
         this estimate does not see.
     initial_curve : Tensor, shape=[n, N + 1, d], optional
-        First guess of the coarsest polygon (then ``n_segments = N``), e.g. a
-        previous solution or another route to compare.
+        First guess of the coarsest polygon (then ``n_segments = N >= 2``; its end
+        nodes are replaced by ``base_point`` and ``point``), e.g. a previous
+        solution or another route to compare.
     global_start : bool
         Without ``initial_curve``, start each pair from a shortest path on a
         latent grid where that is shorter than the straight line
@@ -718,6 +750,7 @@ def energy_log(
         rtol = (1e-5 if point.dtype == torch.float64 else 1e-4) if smooth else 1e-3
     if max_refinements is None:
         max_refinements = n_refinements + 3 if smooth else n_refinements
+    initial_curve = _checked_start(point, base_point, n_segments, initial_curve, 2)
     cross_check = smooth and not isinstance(embed, MetricDecoder)
     n = len(point)
     runners_up = torch.zeros(0, dtype=torch.long, device=point.device)

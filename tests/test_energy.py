@@ -148,6 +148,34 @@ def test_bad_method_names_are_refused():
         space.metric.solve_log(torch.ones(2, dtype=F64), torch.zeros(2, dtype=F64), method="spline")
 
 
+def test_polygon_arguments_are_checked_and_a_warm_start_joins_the_given_points():
+    from pullback_manifold.discrete import discrete_geodesic, energy_log
+
+    g = torch.Generator().manual_seed(11)
+    z0, z1 = sample_cap(3, 1.0, g), sample_cap(3, 1.0, g)
+    with pytest.raises(ValueError, match="n_segments must be an int >= 2"):
+        energy_log(inverse_stereographic, z1, z0, n_segments=1)
+    with pytest.raises(ValueError, match="n_segments must be an int >= 1"):
+        discrete_geodesic(inverse_stereographic, z1, z0, n_segments=0)
+    with pytest.raises(ValueError, match="n_segments"):
+        discrete_geodesic(inverse_stereographic, z1, z0, n_segments=8.0)
+    with pytest.raises(ValueError, match="same shape"):
+        energy_log(inverse_stereographic, z1[:2], z0)
+    with pytest.raises(ValueError, match="initial_curve has shape"):
+        energy_log(inverse_stereographic, z1, z0, initial_curve=torch.zeros(2, 9, 2, dtype=F64))
+    with pytest.raises(ValueError, match="2 nodes: expected at least 3"):
+        energy_log(inverse_stereographic, z1, z0, initial_curve=torch.zeros(3, 2, 2, dtype=F64))
+    # A previous solution for end points that have since moved (a Frechet-mean iteration):
+    # the answer joins the new points, on their great circle.
+    _, old_curve, _ = energy_log(inverse_stereographic, z1, z0, global_start=False)
+    z0_new = z0 + 0.05
+    result, curve, length = energy_log(inverse_stereographic, z1, z0_new, initial_curve=old_curve[:, ::4])
+    assert torch.equal(curve[:, 0], z0_new) and torch.equal(curve[:, -1], z1)
+    assert result.converged.all()
+    truth = great_circle(inverse_stereographic(z0_new), inverse_stereographic(z1))
+    torch.testing.assert_close(length, truth, rtol=1e-6, atol=0)
+
+
 def _levels(chord_limit, chord_c, quad_limit, quad_c, sizes=(16, 32, 64)):
     """Per-level ``(1, 2)`` lengths (one pair) of an O(h^2) chord and quadrature sequence."""
     return [torch.tensor([[chord_limit - chord_c / N**2, quad_limit + quad_c / N**2]], dtype=F64) for N in sizes]
