@@ -493,7 +493,7 @@ def _checked_start(
             f"({min_segments} segments)"
         )
     # A warm start from a neighbouring problem (its end points moved) joins the right points.
-    curve = initial_curve.to(point.dtype).clone()
+    curve = initial_curve.to(dtype=point.dtype, device=point.device).clone()
     curve[:, 0], curve[:, -1] = base_point, point
     return curve
 
