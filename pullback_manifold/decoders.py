@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -37,16 +38,24 @@ __all__ = [
 ]
 
 
+# Held while a module runs with cast parameters: torch.func.functional_call swaps them into
+# the module for the call, and the mode flags are the module's too, so two threads sharing a
+# module (one in float32, one in float64) would otherwise run on each other's parameters.
+_MODULE_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module):
-    """Put ``module`` in eval mode for the duration, then restore every flag."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
+    """Put ``module`` in eval mode for the duration, then restore every flag; one thread at
+    a time (every call with swapped-in parameters runs inside this)."""
+    with _MODULE_LOCK:
+        flags = [(m, m.training) for m in module.modules()]
+        module.eval()
+        try:
+            yield
+        finally:
+            for m, training in flags:
+                m.training = training
 
 
 class _TorchFunction:

@@ -111,6 +111,37 @@ def test_dropout_is_off_during_geometry():
     torch.testing.assert_close(space.metric.metric_matrix(z), space.metric.metric_matrix(z))
 
 
+def test_one_module_decoder_serves_threads_in_different_dtypes():
+    """Decoders call their module with cast parameters (swapped in for the call) in eval
+    mode: two threads using one module, in float32 and float64, must not see each
+    other's parameters or mode (they did: "mat1 and mat2 must have the same dtype")."""
+    import threading
+
+    from pullback_manifold.decoders import as_decoder
+
+    net = tanh_mlp(2, 50, hidden=64, seed=3, dtype=torch.float32).train()
+    decoder = as_decoder(net)
+    z = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = {dtype: decoder.embed(z.to(dtype)) for dtype in (torch.float32, torch.float64)}
+    failures = []
+
+    def work(dtype):
+        try:
+            for _ in range(300):
+                out = decoder.embed(z.to(dtype))
+                assert out.dtype == dtype and torch.equal(out, expected[dtype])
+        except Exception as err:  # noqa: BLE001 -- reported by the main thread
+            failures.append(repr(err))
+
+    threads = [threading.Thread(target=work, args=(dtype,)) for dtype in (torch.float32, torch.float64) * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:3]
+    assert net.training  # every call restored the module's mode
+
+
 def test_image_decoder_outputs_are_flattened():
     lin = torch.nn.Linear(2, 2 * 3 * 3).double()
     decoder = lambda z: lin(z).reshape(*z.shape[:-1], 2, 3, 3)  # noqa: E731
