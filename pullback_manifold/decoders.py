@@ -18,7 +18,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import DecoderError
-from .jets import Jet, generic, head_jet, module_jet, sequential_gram, stacked_gram, wide_output_layer
+from .jets import Jet, generic, head_jet, module_jet, module_lock, sequential_gram, stacked_gram, wide_output_layer
 
 __all__ = [
     "Decoder",
@@ -38,17 +37,12 @@ __all__ = [
 ]
 
 
-# Held while a module runs with cast parameters: torch.func.functional_call swaps them into
-# the module for the call, and the mode flags are the module's too, so two threads sharing a
-# module (one in float32, one in float64) would otherwise run on each other's parameters.
-_MODULE_LOCK = threading.RLock()
-
-
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module):
-    """Put ``module`` in eval mode for the duration, then restore every flag; one thread at
-    a time (every call with swapped-in parameters runs inside this)."""
-    with _MODULE_LOCK:
+    """Put ``module`` in eval mode for the duration, then restore every flag; under
+    :func:`~pullback_manifold.jets.module_lock` (every call with swapped-in parameters
+    runs inside this)."""
+    with module_lock():
         flags = [(m, m.training) for m in module.modules()]
         module.eval()
         try:
@@ -82,15 +76,16 @@ class _TorchFunction:
         if cached is not None and not top_level:
             return cached[1]  # validated by prepare() at the public entry point
         module = self.fn
-        named = list(module.named_parameters()) + list(module.named_buffers())
-        # _version changes on in-place updates (optimizer steps): recast then.
-        key = tuple((id(t), t._version) for _, t in named)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        state = {
-            k: (t.detach().to(device=device, dtype=dtype) if t.is_floating_point() else t.detach().to(device))
-            for k, t in named
-        }
+        with module_lock():  # not while another thread has its cast copies swapped in
+            named = list(module.named_parameters()) + list(module.named_buffers())
+            # _version changes on in-place updates (optimizer steps): recast then.
+            key = tuple((id(t), t._version) for _, t in named)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            state = {
+                k: (t.detach().to(device=device, dtype=dtype) if t.is_floating_point() else t.detach().to(device))
+                for k, t in named
+            }
         # Tensors made inside a torch.func transform belong to its level: caching them
         # would leak them into later transforms, so only cache at top level.
         if top_level:

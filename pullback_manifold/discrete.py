@@ -28,6 +28,8 @@ minimized by L-BFGS.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -465,7 +467,7 @@ def discrete_geodesic(
         The optimizer's stopping test held (not a statement on the
         discretization error: see :func:`energy_log`).
     """
-    curve = _checked_start(point, base_point, n_segments, initial_curve, 1)
+    curve, n_segments = _checked_start(point, base_point, n_segments, initial_curve, 1)
     if curve is None:
         curve = _first_guess(point, base_point, n_segments, smooth)
     return _minimize(embed, curve, max_iter, xtol, smooth, derivative_dtype)[:2]
@@ -473,17 +475,21 @@ def discrete_geodesic(
 
 def _checked_start(
     point: Tensor, base_point: Tensor, n_segments: int, initial_curve: Tensor | None, min_segments: int
-) -> Tensor | None:
+) -> tuple[Tensor | None, int]:
     """Validate the arguments that set a polygon; return ``initial_curve`` with its end
-    points set to ``base_point`` and ``point`` (a copy), or None."""
+    points set to ``base_point`` and ``point`` (a copy) or None, and the number of segments."""
     if point.dim() != 2 or point.shape != base_point.shape:
         raise ValueError(
             f"point {tuple(point.shape)} and base_point {tuple(base_point.shape)}: expected the same shape (n, d)"
         )
     if initial_curve is None:
-        if isinstance(n_segments, bool) or not isinstance(n_segments, int) or n_segments < min_segments:
+        try:
+            count = None if isinstance(n_segments, bool) else operator.index(n_segments)  # numpy ints too
+        except TypeError:
+            count = None
+        if count is None or count < min_segments:
             raise ValueError(f"n_segments must be an int >= {min_segments}, got {n_segments!r}")
-        return None
+        return None, count
     n, d = point.shape
     if initial_curve.dim() != 3 or initial_curve.shape[0] != n or initial_curve.shape[2] != d:
         raise ValueError(f"initial_curve has shape {tuple(initial_curve.shape)}: expected ({n}, N + 1, {d})")
@@ -495,7 +501,7 @@ def _checked_start(
     # A warm start from a neighbouring problem (its end points moved) joins the right points.
     curve = initial_curve.to(dtype=point.dtype, device=point.device).clone()
     curve[:, 0], curve[:, -1] = base_point, point
-    return curve
+    return curve, curve.shape[1] - 1
 
 
 def _first_guess(point: Tensor, base_point: Tensor, n_segments: int, smooth: bool) -> Tensor:
@@ -750,13 +756,11 @@ def energy_log(
         rtol = (1e-5 if point.dtype == torch.float64 else 1e-4) if smooth else 1e-3
     if max_refinements is None:
         max_refinements = n_refinements + 3 if smooth else n_refinements
-    initial_curve = _checked_start(point, base_point, n_segments, initial_curve, 2)
+    initial_curve, n_segments = _checked_start(point, base_point, n_segments, initial_curve, 2)
     cross_check = smooth and not isinstance(embed, MetricDecoder)
     n = len(point)
     runners_up = torch.zeros(0, dtype=torch.long, device=point.device)
-    if initial_curve is not None:
-        n_segments = initial_curve.shape[1] - 1
-    elif global_start and smooth:
+    if initial_curve is None and global_start and smooth:
         from .graph_start import shortest_path_start  # it builds on this module's polygons
 
         initial_curve, from_graph = shortest_path_start(embed, point, base_point, n_segments)

@@ -26,7 +26,10 @@ forward-mode AD, torch runs many operators through Python decompositions.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-__all__ = ["Jet", "propagate", "module_jet", "stacked_gram", "sequential_gram"]
+__all__ = ["Jet", "propagate", "module_jet", "module_lock", "stacked_gram", "sequential_gram"]
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,30 @@ _WITH_PARAMETERS = {
 }
 
 
+# torch.func.functional_call swaps the given tensors into the module for the length of a call,
+# and the geometry sets eval mode on the module itself: two threads sharing a module (or a
+# submodule), one in float32 and one in float64, would run on each other's parameters.
+_MODULE_LOCK = threading.RLock()
+
+
+def _new_module_lock() -> None:
+    # A process forked while another thread held the lock would wait for it forever.
+    global _MODULE_LOCK
+    _MODULE_LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_module_lock)
+
+
+@contextlib.contextmanager
+def module_lock():
+    """Held while modules run with swapped-in tensors, read their parameters or set their
+    mode: one thread at a time, process-wide (re-entrant)."""
+    with _MODULE_LOCK:
+        yield
+
+
 def module_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet, prefix: str = "") -> Jet:
     """Propagate ``jet`` through ``module`` evaluated with the tensors ``state``.
 
@@ -292,9 +319,10 @@ def propagate(fn, jet: Jet) -> Jet:
     if callable(method):
         return method(jet)
     if isinstance(fn, nn.Module):
-        state = dict(fn.named_parameters())
-        state.update(fn.named_buffers())
-        return module_jet(fn, state, jet)
+        with module_lock():
+            state = dict(fn.named_parameters())
+            state.update(fn.named_buffers())
+            return module_jet(fn, state, jet)
     return generic(fn, jet)
 
 

@@ -118,28 +118,36 @@ def test_one_module_decoder_serves_threads_in_different_dtypes():
     import threading
 
     from pullback_manifold.decoders import as_decoder
+    from pullback_manifold.geometry import embedding_jet
 
     net = tanh_mlp(2, 50, hidden=64, seed=3, dtype=torch.float32).train()
     decoder = as_decoder(net)
     z = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    expected = {dtype: decoder.embed(z.to(dtype)) for dtype in (torch.float32, torch.float64)}
+    directions = torch.eye(2)[:, None, :].expand(2, 64, 2)
+
+    def raw_jet():  # the module itself, with its own parameters (the low-level functions take one)
+        return embedding_jet(net, z.float(), directions).first
+
+    calls = {"float32": lambda: decoder.embed(z.float()), "float64": lambda: decoder.embed(z), "raw jet": raw_jet}
+    expected = {name: call() for name, call in calls.items()}
     failures = []
 
-    def work(dtype):
+    def work(name):
         try:
             for _ in range(300):
-                out = decoder.embed(z.to(dtype))
-                assert out.dtype == dtype and torch.equal(out, expected[dtype])
+                out = calls[name]()
+                assert out.dtype == expected[name].dtype and torch.equal(out, expected[name]), name
         except Exception as err:  # noqa: BLE001 -- reported by the main thread
             failures.append(repr(err))
 
-    threads = [threading.Thread(target=work, args=(dtype,)) for dtype in (torch.float32, torch.float64) * 2]
+    threads = [threading.Thread(target=work, args=(name,)) for name in list(calls) * 2]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert not failures, failures[:3]
     assert net.training  # every call restored the module's mode
+    assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in net.parameters())
 
 
 def test_image_decoder_outputs_are_flattened():

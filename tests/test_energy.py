@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +160,12 @@ def test_polygon_arguments_are_checked_and_a_warm_start_joins_the_given_points()
         discrete_geodesic(inverse_stereographic, z1, z0, n_segments=0)
     with pytest.raises(ValueError, match="n_segments"):
         discrete_geodesic(inverse_stereographic, z1, z0, n_segments=8.0)
+    with pytest.raises(ValueError, match="n_segments"):
+        discrete_geodesic(inverse_stereographic, z1, z0, n_segments=True)
+    # integers from numpy or torch count
+    curve, _ = discrete_geodesic(inverse_stereographic, z1, z0, n_segments=np.int64(4))
+    assert curve.shape == (3, 5, 2)
+    assert energy_log(inverse_stereographic, z1, z0, n_segments=torch.tensor(4))[1].shape == (3, 17, 2)
     with pytest.raises(ValueError, match="same shape"):
         energy_log(inverse_stereographic, z1[:2], z0)
     with pytest.raises(ValueError, match="initial_curve has shape"):
@@ -171,6 +178,8 @@ def test_polygon_arguments_are_checked_and_a_warm_start_joins_the_given_points()
     z0_new = z0 + 0.05
     result, curve, length = energy_log(inverse_stereographic, z1, z0_new, initial_curve=old_curve[:, ::4])
     assert torch.equal(curve[:, 0], z0_new) and torch.equal(curve[:, -1], z1)
+    single, _ = discrete_geodesic(inverse_stereographic, z1, z0_new, initial_curve=old_curve[:, ::4])
+    assert torch.equal(single[:, 0], z0_new) and torch.equal(single[:, -1], z1)
     assert result.converged.all()
     truth = great_circle(inverse_stereographic(z0_new), inverse_stereographic(z1))
     torch.testing.assert_close(length, truth, rtol=1e-6, atol=0)
