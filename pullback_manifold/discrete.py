@@ -159,12 +159,6 @@ def _decoded(embed, curve: Tensor) -> Tensor:
     return decoded.reshape(n, k, -1)
 
 
-def _decoded_steps(embed, curve: Tensor) -> Tensor:
-    """``f(c_{i+1}) - f(c_i)`` ``(n, N, D)``."""
-    decoded = _decoded(embed, curve)
-    return decoded[:, 1:] - decoded[:, :-1]
-
-
 def _energy(decoded: Tensor) -> Tensor:
     """Energy ``(n,)`` of polygons from their decoded nodes ``(n, N + 1, D)``."""
     return 0.5 * (decoded.shape[1] - 1) * (decoded[:, 1:] - decoded[:, :-1]).pow(2).sum((1, 2))
@@ -621,8 +615,9 @@ def _level_lengths(embed, curve: Tensor, cross_check: bool, decoded: Tensor | No
     if isinstance(embed, MetricDecoder):
         chord = curve_length(embed, curve)
     else:
-        steps = _decoded_steps(embed, curve) if decoded is None else decoded[:, 1:] - decoded[:, :-1]
-        chord = torch.linalg.vector_norm(steps, dim=-1).sum(-1)
+        if decoded is None:
+            decoded = _decoded(embed, curve)
+        chord = torch.linalg.vector_norm(decoded[:, 1:] - decoded[:, :-1], dim=-1).sum(-1)
     return torch.stack([chord, _polygon_length(embed, curve)], -1) if cross_check else chord[:, None]
 
 
