@@ -19,6 +19,8 @@ With ``J = d embed / d z`` (``(n, D, d)``):
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 
 import torch
@@ -92,7 +94,7 @@ class _RegularizedEmbedding:
 
     def __call__(self, z: Tensor) -> Tensor:
         out = self.embed(z)
-        return torch.cat([out.reshape(len(z), -1), self.scale * z], dim=-1)
+        return torch.cat([out.reshape(len(z), math.prod(out.shape[1:])), self.scale * z], dim=-1)
 
     def jet(self, jet: Jet) -> Jet:
         out = _flatten_jet(propagate(self.embed, jet), jet.value, "decoder")
@@ -334,7 +336,8 @@ def _squared_speeds(embed: Embedding, curve: Tensor) -> Tensor:
 
 def _decoded_increments(embed: Embedding, curve: Tensor) -> Tensor:
     *batch, n_nodes, d = curve.shape
-    decoded = embed(curve.reshape(-1, d)).reshape(*batch, n_nodes, -1)
+    out = embed(curve.reshape(-1, d))
+    decoded = out.reshape(*batch, n_nodes, math.prod(out.shape[1:]))  # not -1: an empty batch has no size to infer
     return decoded[..., 1:, :] - decoded[..., :-1, :]
 
 

@@ -616,7 +616,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         length : Tensor, shape=[...]
         """
         curve = self._prepare_curve(curve)
-        return geometry.curve_length(self._embed, curve)
+        return geometry.curve_length(geometry.regularized(self._embed, self.regularization), curve)
 
     def curve_energy(self, curve):
         """Energy ``1/2 int |d/dt f(c)|^2 dt`` of a discretized latent curve on ``t in [0, 1]``.
@@ -630,7 +630,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         energy : Tensor, shape=[...]
         """
         curve = self._prepare_curve(curve)
-        return geometry.curve_energy(self._embed, curve)
+        return geometry.curve_energy(geometry.regularized(self._embed, self.regularization), curve)
 
     def _prepare_curve(self, curve) -> Tensor:
         curve = _as_tensor(curve)
@@ -778,7 +778,11 @@ class DecoderPullbackMetric(RiemannianMetric):
         -------
         dist : Tensor, shape=[...]
         """
-        return self.squared_dist(point_a, point_b).clamp_min(0).sqrt()
+        squared = self.squared_dist(point_a, point_b).clamp_min(0)
+        # Not sqrt() alone: its derivative at 0 is infinite, and inf * 0 made the gradient
+        # NaN at coinciding points. There the distance has no gradient; 0 is a subgradient.
+        positive = squared > 0
+        return torch.where(positive, torch.where(positive, squared, 1).sqrt(), 0)
 
     def parallel_transport(self, tangent_vec, base_point, direction=None, end_point=None):
         """Parallel transport of ``tangent_vec`` along the geodesic from ``base_point``.

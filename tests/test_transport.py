@@ -108,3 +108,17 @@ def test_squared_dist_gradient_broadcasts_one_point_against_many():
     logs = space.metric.log(points, center.detach())
     expected = -2 * space.metric.metric_matrix(center.detach()) @ logs.sum(0)
     torch.testing.assert_close(center.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_dist_gradient_at_coinciding_points_is_zero_not_nan():
+    """The distance has no gradient where the points coincide (a cone); its derivative used to
+    be NaN there, poisoning a loss summed over pairs. 0 is a subgradient; elsewhere it is
+    the gradient of sqrt(squared_dist)."""
+    space = PullbackManifold(inverse_stereographic, dim=2)
+    g = torch.Generator().manual_seed(3)
+    a = sample_cap(3, 1.0, g).requires_grad_(True)
+    b = torch.cat([a[:1].detach(), sample_cap(2, 1.0, g)])  # pair 0 coincides
+    (grad,) = torch.autograd.grad(space.metric.dist(a, b).sum(), a)
+    assert torch.equal(grad[0], torch.zeros(2, dtype=F64))
+    (expected,) = torch.autograd.grad(space.metric.squared_dist(a[1:], b[1:]).sqrt().sum(), a)
+    torch.testing.assert_close(grad[1:], expected[1:], rtol=1e-12, atol=0)
