@@ -36,7 +36,7 @@ from .decoders import Decoder, MetricDecoder, as_decoder  # noqa: E402
 from .errors import ConvergenceError, ConvergenceWarning, DecoderError  # noqa: E402
 from .discrete import arc_length_times, energy_log, interpolate_curve  # noqa: E402
 from .geodesics import LogResult, ODEOptions, exp, geodesic_flow, geodesic_ivp  # noqa: E402
-from .logarithm import METHODS, log_map, piecewise_linear_pairs  # noqa: E402
+from .logarithm import METHODS, _merge, log_map, piecewise_linear_pairs  # noqa: E402
 from .transport import parallel_transport  # noqa: E402
 
 __all__ = ["PullbackManifold", "DecoderPullbackMetric", "ODEExpSolver", "ShootingLogSolver"]
@@ -996,15 +996,24 @@ def _geodesic_paths(m: DecoderPullbackMetric, z1: Tensor, z0: Tensor, result: Lo
     return path
 
 
+# A warm start is used for a pair whose base point moved by at most this fraction of the
+# length of its last geodesic (a Fréchet-mean step, not a new problem).
+_WARM_START_MOVE = 0.1
+
+
 class ShootingLogSolver(LogSolver):
     """geomstats log solver: batched damped-Newton shooting, warm-started.
 
     Iterative algorithms (geomstats' ``FrechetMean``, k-means) call ``log`` of
     the same points from a base point that moves a little each iteration. The
-    solver keeps the last solution and, when the same points come back, starts
-    Newton from it, shifted by the base point's move (the first-order change
-    of ``log`` in the base point is ``-I``). A wrong guess costs iterations,
-    never accuracy: every pair is still solved to tolerance.
+    solver keeps the last solution and, when the same points come back (same
+    batch shape and dtype), starts Newton from it, shifted by the base point's
+    move (the first-order change of ``log`` in the base point is ``-I``), for
+    the pairs whose base point moved by at most a tenth of their geodesic's
+    length; the others are solved from scratch. Every pair is still solved to
+    tolerance. A warm-started pair stays on the geodesic it followed: if
+    another, shorter one appears as the base point moves, a solve from scratch
+    may find it and a warm start will not.
     """
 
     def __init__(self, metric: DecoderPullbackMetric, warm_start: bool = True):
@@ -1013,30 +1022,67 @@ class ShootingLogSolver(LogSolver):
         self.warm_start = warm_start
         self._last: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def _initial_guess(self, point, base_point):
+    def _initial_guess(self, point, base_point) -> Tensor | None:
+        """The last solution shifted by the base points' move, ``(..., d)``; NaN for the pairs
+        whose base point moved by more than ``_WARM_START_MOVE`` of their geodesic's length
+        (in the metric at the old base point). None when the points, or the base points'
+        shape, dtype or device, are not the last call's."""
         if not self.warm_start or self._last is None:
             return None
         last_point, last_base, last_vec = self._last
         point = _as_tensor(point)
         base_point = _as_tensor(base_point)
-        if point.shape != last_point.shape or point.dtype != last_point.dtype or point.device != last_point.device:
-            return None
+        for new, old in ((point, last_point), (base_point, last_base)):
+            # Another batch shape or dtype: the guess would impose the last call's on this one.
+            if new.shape != old.shape or new.dtype != old.dtype or new.device != old.device:
+                return None
         if not torch.equal(point, last_point):
             return None
-        try:
-            return last_vec - (base_point - last_base)
-        except RuntimeError:  # base points of another batch shape
-            return None
+        move = base_point - last_base
+        # Newton goes to the geodesic nearest its start: from a base point that moved far, that
+        # can be another, longer one than a cold solve finds.
+        metric = self.metric
+        near = metric.squared_norm(move, last_base) <= _WARM_START_MOVE**2 * metric.squared_norm(last_vec, last_base)
+        return torch.where(near.unsqueeze(-1), last_vec - move, torch.nan)
 
     def log(self, point, base_point):
         """Initial velocity of the geodesic from ``base_point`` to ``point``, shape ``(..., d)``."""
+        m = self.metric
         guess = self._initial_guess(point, base_point)
-        result = self.metric._reported_log(point, base_point, "log", initial_tangent_vec=guess)
+        if guess is None or torch.isfinite(guess).all():
+            result = m._reported_log(point, base_point, "log", initial_tangent_vec=guess)
+        else:
+            result = self._partly_warm_log(point, base_point, guess)
         if self.warm_start and isinstance(point, Tensor) and isinstance(base_point, Tensor):
             ok = result.converged.unsqueeze(-1)
             vec = torch.where(ok, result.tangent_vec, point - base_point)
             self._last = (point.detach().clone(), base_point.detach().clone(), vec.detach().clone())
         return result.tangent_vec
+
+    def _partly_warm_log(self, point, base_point, guess: Tensor) -> LogResult:
+        """:meth:`log`'s result when only the pairs with a finite ``guess`` are warm-started."""
+        m = self.metric
+        (z1, z0), batch = m._prepare("base_point", True, point=point, base_point=base_point)
+        flat_guess = guess.expand(*batch, m.dim).reshape(-1, m.dim)
+        warm = torch.isfinite(flat_guess).all(-1)
+        rows = [warm.nonzero().squeeze(-1), (~warm).nonzero().squeeze(-1)]
+        parts = [m.solve_log(z1[rows[0]], z0[rows[0]], initial_tangent_vec=flat_guess[rows[0]]), m.solve_log(z1[rows[1]], z0[rows[1]])]
+        if len(rows[0]) == 0:  # its (empty) result has no tolerance
+            rows, parts = rows[1:], parts[1:]
+        n = len(z1)
+        result = LogResult(
+            z1.new_empty(n, m.dim),
+            torch.zeros(n, dtype=torch.bool, device=z1.device),
+            z1.new_empty(n),
+            torch.zeros(n, dtype=torch.long, device=z1.device),
+            parts[0].tol,
+            parts[0].method,
+            energy_rtol=next((p.energy_rtol for p in parts if p.energy_rtol is not None), None),
+        )
+        for index, part in zip(rows, parts):
+            _merge(result, index, part, torch.ones_like(part.converged))
+        m._report(result.n_failed, n, "log", int((result.piecewise_linear & ~result.converged).sum()))
+        return result.reshape(batch)
 
     def geodesic_bvp(self, point, base_point):
         """Geodesic from ``base_point`` to ``point``; ``path(t)`` is ``(n_t, d)`` or ``(n, n_t, d)``.

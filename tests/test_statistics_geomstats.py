@@ -362,3 +362,53 @@ def test_geodesic_regression_riemannian_recovers_the_geodesic(float64_default):
     regression.fit(x, y)
     torch.testing.assert_close(regression.intercept_, intercept, rtol=0, atol=1e-4)
     torch.testing.assert_close(regression.coef_, coef, rtol=0, atol=1e-4)
+
+
+class _Hill(torch.nn.Module):
+    """A bump: a pair on either side of it has one geodesic over each flank."""
+
+    def forward(self, z):
+        bump = 1.5 * torch.exp(-(z**2).sum(-1, keepdim=True) / (2 * 0.7**2))
+        return torch.cat([z, bump], dim=-1)
+
+    def jet_rule(self, jet, state):
+        """Closed-form derivatives (torch.func's generic ones take 20 ms a call here)."""
+        x, first, second = jet.value, jet.first, jet.second
+        bump = 1.5 * torch.exp(-(x**2).sum(-1, keepdim=True) / (2 * 0.7**2))
+        exponent_first = -(first * x).sum(-1, keepdim=True) / 0.7**2  # (k, n, 1)
+        value, out_first = torch.cat([x, bump], -1), torch.cat([first, bump * exponent_first], -1)
+        if second is None:
+            return jet.replace(value, out_first, None)
+        a, b = jet.pair  # ints, or index tensors for several pairs
+        exponent_second = -((first[a] * first[b]).sum(-1, keepdim=True) + (x * second).sum(-1, keepdim=True)) / 0.7**2
+        bump_second = bump * (exponent_second + exponent_first[a] * exponent_first[b])
+        return jet.replace(value, out_first, torch.cat([second, bump_second], -1))
+
+
+def test_log_warm_start_from_a_far_base_point_is_not_used():
+    """metric.log reuses its last solution (for Fréchet-mean iterations) only where the base
+    point moved by at most a tenth of the geodesic's length. From a base point on the other
+    side of the bump, the warm start once followed a geodesic 11% longer than dist."""
+    metric = PullbackManifold(_Hill(), dim=2).metric
+    z0, z1 = torch.tensor([-1.5, -0.25], dtype=F64), torch.tensor([1.5, -0.15], dtype=F64)
+    cold = PullbackManifold(_Hill(), dim=2).metric.log(z1, z0)
+    metric.log(z1, torch.tensor([-1.5, 0.6], dtype=F64))  # over the bump's other flank
+    torch.testing.assert_close(metric.log(z1, z0), cold, rtol=1e-7, atol=0)
+
+
+def test_log_warm_start_keeps_each_calls_dtype_and_shape_and_moves_per_pair():
+    """The warm start once imposed the last call's dtype and batch shape on the next call."""
+    metric = PullbackManifold(tanh_mlp(2, 5, hidden=16, seed=1), dim=2).metric
+    points = torch.tensor([[0.9, -0.2], [-0.4, 0.6], [0.2, 0.1]], dtype=F64)
+    bases = torch.tensor([[0.1, 0.2], [0.3, -0.1], [-0.5, 0.4]], dtype=F64)
+    points32 = points.float()
+    metric.log(points32, bases)  # float64: promoted by the base points
+    assert metric.log(points32, bases.float()).dtype == torch.float32
+    metric.log(points[0], bases)
+    assert metric.log(points[0], bases[0]).shape == (2,)
+    # Partly warm: the second base point moves far, the others a little; each pair is
+    # what a solve from scratch gives.
+    metric.log(points, bases)
+    moved = bases + torch.tensor([[1e-3, 0], [1.0, 0], [1e-3, 0]], dtype=F64)
+    fresh = PullbackManifold(tanh_mlp(2, 5, hidden=16, seed=1), dim=2).metric.log(points, moved)
+    torch.testing.assert_close(metric.log(points, moved), fresh, rtol=1e-6, atol=1e-9)
