@@ -281,3 +281,57 @@ def test_energy_method_on_the_compact_embedding_gives_the_decoders_distances():
     _, _, full = energy_log(decoder, a, b, global_start=False)
     _, _, compact = energy_log(decoder.compact(), a, b, global_start=False)
     torch.testing.assert_close(compact, full, rtol=1e-10, atol=0)
+
+
+def test_forward_hooks_and_pre_hooks_are_applied():
+    """A layer with hooks is differentiated by calling it, hooks included: the closed-form
+    rules once skipped them (G 89% off with a hook scaling a Tanh's output)."""
+    torch.manual_seed(0)
+    net = _mlp(nn.Tanh())
+    net[1].register_forward_hook(lambda module, inputs, output: 3 * output)
+    net[2].register_forward_pre_hook(lambda module, inputs: (inputs[0] ** 2,))
+    _check(as_decoder(net))
+    # A hooked widening output layer: the metric is not computed in the layer's input space.
+    wide = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 40)).double()
+    wide[2].register_forward_hook(lambda module, inputs, output: output.pow(2))
+    z = torch.randn(4, 2, dtype=F64)
+    J = torch.stack([torch.autograd.functional.jacobian(lambda x: wide(x[None])[0], point) for point in z])
+    G = PullbackManifold(wide, dim=2).metric.metric_matrix(z)
+    torch.testing.assert_close(G, J.transpose(-1, -2) @ J, rtol=1e-12, atol=1e-12)
+
+
+def test_old_style_weight_norm_is_applied():
+    """Old-style weight_norm is a forward pre-hook: its layer once failed with a bare KeyError."""
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning):
+        layer = torch.nn.utils.weight_norm(nn.Linear(2, 8))
+    net = nn.Sequential(layer, nn.Tanh(), nn.Linear(8, 5)).double()
+    plain = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    with torch.no_grad():
+        plain[0].weight.copy_(layer.weight_g * layer.weight_v / layer.weight_v.norm(dim=1, keepdim=True))
+        plain[0].bias.copy_(layer.bias)
+        plain[2].load_state_dict(net[2].state_dict())
+    z, v = torch.randn(2, 4, 2, dtype=F64)
+    got, expected = PullbackManifold(net, dim=2).metric, PullbackManifold(plain, dim=2).metric
+    torch.testing.assert_close(got.metric_matrix(z), expected.metric_matrix(z), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.geodesic_acceleration(z, v), expected.geodesic_acceleration(z, v), rtol=1e-10, atol=1e-12)
+
+
+def test_layer_norm_second_derivatives_match_finite_differences():
+    """torch's nested forward-mode derivative of F.layer_norm is wrong (torch 2.13), and so
+    is torch.func's: the reference is central differences of the layer itself."""
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(8).double()
+    norm.weight.data.uniform_(0.5, 2)
+    norm.bias.data.uniform_(-1, 1)
+    net = nn.Sequential(nn.Linear(2, 8), norm, nn.Tanh(), nn.Linear(8, 5)).double()
+    z = torch.randn(4, 2, dtype=F64)
+    u, w = torch.randn(2, 4, 2, dtype=F64)
+    jet = embedding_jet(as_decoder(net), z, torch.stack([u, w]), (0, 1))
+    h = 1e-4
+    with torch.no_grad():
+        central = (net(z + h * u + h * w) - net(z + h * u - h * w) - net(z - h * u + h * w) + net(z - h * u - h * w)) / (
+            4 * h * h
+        )
+    # Central differences are accurate to O(h^2) ~ 1e-8 here; the torch bug was 1e-1.
+    torch.testing.assert_close(jet.second, central, rtol=0, atol=1e-6)
