@@ -304,8 +304,10 @@ class DecoderPullbackMetric(RiemannianMetric):
         except RuntimeError:
             listing = ", ".join(f"{k} {tuple(t.shape)}" for k, t in tensors.items())
             raise ValueError(f"batch shapes do not broadcast: {listing}") from None
+        # contiguous(): a broadcast row keeps a stride-0 view, on which torch.func's
+        # forward-mode derivatives (plain-callable decoders) fail to write.
         flat = [
-            (t.detach() if _detach else t).to(dtype).expand(*batch_shape, self.dim).reshape(-1, self.dim)
+            (t.detach() if _detach else t).to(dtype).expand(*batch_shape, self.dim).reshape(-1, self.dim).contiguous()
             for t in tensors.values()
         ]
         self._validate_decoder(flat[list(tensors).index(_points)].detach())

@@ -212,3 +212,19 @@ def test_belongs_and_random_point():
     assert not space.belongs(torch.tensor([float("inf"), 0.0])).item()
     assert space.belongs(torch.zeros(3, 2)).shape == (3,)
     assert space.random_point(5).shape == (5, 2)
+
+
+def test_one_row_of_a_batch_as_base_point_with_a_plain_callable():
+    """A row view such as points[1] broadcast against the batch once reached torch.func as a
+    stride-0 view, which its forward-mode derivatives cannot write to: geomstats' k-means
+    (dist(center, points)) failed on every plain-callable decoder."""
+    A = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=F64)
+    metric = PullbackManifold(lambda z: z @ A.T, dim=2).metric
+    points = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 0.0]], dtype=F64)
+    expected = ((points[1] - points) @ A.T).norm(dim=-1)
+    torch.testing.assert_close(metric.dist(points[1], points), expected, rtol=1e-10, atol=1e-12)
+    vectors = torch.randn(3, 2, dtype=F64)
+    torch.testing.assert_close(
+        metric.inner_product(vectors, vectors, points[1]), ((vectors @ A.T) ** 2).sum(-1), rtol=1e-12, atol=0
+    )
+    assert torch.equal(metric.geodesic_acceleration(points[1], vectors), torch.zeros(3, 2, dtype=F64))
