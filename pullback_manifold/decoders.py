@@ -466,13 +466,23 @@ class EnsembleDecoder(Decoder):
     ----------
     members : sequence of callables or nn.Modules, or of :class:`Decoder`
         The ``M`` members. A member that is a :class:`Decoder` (e.g. a
-        :class:`GaussianDecoder`) contributes its own expected metric.
+        :class:`GaussianDecoder`) contributes its own expected metric. Not a
+        :class:`MetricDecoder` (e.g. a Gaussian process), whose metric is not a
+        pull-back through its outputs.
     """
 
     def __init__(self, members: Sequence[Callable]):
         members = list(members)
         if not members:
             raise ValueError("EnsembleDecoder needs at least one member")
+        for index, member in enumerate(members):
+            # Through its outputs (the posterior mean) its covariance term would be lost, silently.
+            if isinstance(member, MetricDecoder):
+                raise TypeError(
+                    f"EnsembleDecoder member {index} is a {type(member).__name__}, which gives its metric "
+                    "directly, not as a pull-back through its outputs: an ensemble cannot average it. "
+                    "Use it on its own, or ensemble decoders that map z to outputs."
+                )
         self.members = [as_decoder(m) for m in members]
         self._scale = 1.0 / math.sqrt(len(members))
 

@@ -305,3 +305,10 @@ def test_digits_geodesics_avoid_the_high_sigma_region():
     assert (space.metric.curve_length(geodesic) < space.metric.curve_length(line)).all()
     # and none reaches the high-sigma region that every one of these lines crosses
     assert (sigma_geodesic.amax(-1) < threshold).all()
+
+
+def test_ensemble_refuses_a_gaussian_process_member(gp):
+    """Its metric is not a pull-back through its outputs: an ensemble would have pulled back
+    through the posterior mean alone, silently dropping the covariance term."""
+    with pytest.raises(TypeError, match="member 1 is a GaussianProcessDecoder"):
+        EnsembleDecoder([tanh_mlp(2, 4), gp])
