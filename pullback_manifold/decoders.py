@@ -93,9 +93,34 @@ class _TorchFunction:
         return state
 
     def prepare(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Cache the parameters cast to ``dtype``/``device``; call outside any transform."""
+        """Cache the parameters cast to ``dtype``/``device``, again if they changed since;
+        call outside any transform (once per public call)."""
         if isinstance(self.fn, nn.Module):
+            cached = self._cache.get((dtype, device))
+            if cached is not None and not self._copies_current(cached[1]):
+                del self._cache[(dtype, device)]
+            for key, (weight, _, values) in list(self._derived.items()):
+                if key[1:] == (dtype, device) and not torch.equal(weight, values):
+                    del self._derived[key]
             self._state(dtype, device)
+
+    def _copies_current(self, state: dict[str, Tensor]) -> bool:
+        """Whether the cast copies ``state`` still equal the module's tensors. Writes through
+        ``.data`` (manual updates, ``nn.utils.vector_to_parameters``) change neither a tensor's
+        identity nor its version, which is all :meth:`_state` looks at."""
+        with module_lock():
+            named = list(self.fn.named_parameters()) + list(self.fn.named_buffers())
+            if len(named) != len(state):
+                return False
+            for name, t in named:
+                copy = state.get(name)
+                if copy is None or copy.shape != t.shape:
+                    return False
+                if copy.data_ptr() == t.data_ptr():
+                    continue  # not a copy: the tensor itself
+                if not torch.equal(copy, t.detach().to(device=copy.device, dtype=copy.dtype)):
+                    return False
+        return True
 
     def _casts_to_input(self) -> bool:
         """Whether it runs in its input's dtype: an ``nn.Module``, whose parameters are cast to it."""
@@ -127,7 +152,8 @@ class _TorchFunction:
         weight = state[f"{last[1]}.weight"]
         cached = self._derived.get((kind, like.dtype, like.device))
         if cached is None or cached[0] is not weight:
-            cached = (weight, make(weight))
+            # With the weight's values then: a write through .data leaves the tensor the same.
+            cached = (weight, make(weight), weight.clone())
             if torch._C._functorch.peek_interpreter_stack() is None:  # see _state
                 self._derived[(kind, like.dtype, like.device)] = cached
         return state, cached[1]

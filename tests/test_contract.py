@@ -228,3 +228,28 @@ def test_one_row_of_a_batch_as_base_point_with_a_plain_callable():
         metric.inner_product(vectors, vectors, points[1]), ((vectors @ A.T) ** 2).sum(-1), rtol=1e-12, atol=0
     )
     assert torch.equal(metric.geodesic_acceleration(points[1], vectors), torch.zeros(3, 2, dtype=F64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32 model", "float64 model"])
+def test_parameters_changed_through_data_are_seen(dtype):
+    """The cast copies of a model's parameters once went stale when the parameters changed
+    through .data (manual updates, nn.utils.vector_to_parameters): neither a tensor's
+    identity nor its version changes then."""
+    net = tanh_mlp(2, 4, hidden=8, dtype=dtype)
+    metric = PullbackManifold(net, dim=2).metric
+    a, b = torch.zeros(2, dtype=F64), torch.tensor([0.5, 0.5], dtype=F64)
+    before = metric.dist(a, b)
+    torch.nn.utils.vector_to_parameters(2 * torch.nn.utils.parameters_to_vector(net.parameters()), net.parameters())
+    torch.testing.assert_close(metric.dist(a, b), PullbackManifold(net, dim=2).metric.dist(a, b), rtol=1e-12, atol=0)
+    net[4].weight.data.mul_(2)
+    z = torch.tensor([[0.1, -0.3]], dtype=F64)
+    torch.testing.assert_close(metric.metric_matrix(z), PullbackManifold(net, dim=2).metric.metric_matrix(z), rtol=1e-12, atol=0)
+    assert not torch.allclose(metric.dist(a, b), before)
+    # A widening output layer: the metric and the energy method use a factor of its weight.
+    wide = tanh_mlp(2, 30, hidden=8, dtype=dtype)
+    metric = PullbackManifold(wide, dim=2).metric
+    metric.dist(a, b), metric.metric_matrix(z)
+    wide[4].weight.data.mul_(2)
+    fresh = PullbackManifold(wide, dim=2).metric
+    torch.testing.assert_close(metric.metric_matrix(z), fresh.metric_matrix(z), rtol=1e-12, atol=0)
+    torch.testing.assert_close(metric.dist(a, b), fresh.dist(a, b), rtol=1e-12, atol=0)
