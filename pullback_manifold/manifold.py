@@ -115,8 +115,9 @@ class PullbackManifold(VectorSpaceOpenSet):
         on_failure: str = "warn",
         equip: bool = True,
     ):
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
             raise ValueError(f"dim must be a positive int (the latent dimension), got {dim!r}")
+        dim = int(dim)  # numpy integers too
         # Checked here, so that a wrong setting fails at construction, before any decoder call.
         if isinstance(regularization, bool) or not isinstance(regularization, numbers.Real):
             raise TypeError(
@@ -143,6 +144,17 @@ class PullbackManifold(VectorSpaceOpenSet):
             raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
         if log_method not in METHODS:
             raise ValueError(f"log_method must be one of {METHODS}, got {log_method!r}")
+        if energy_rtol is not None and not (
+            isinstance(energy_rtol, numbers.Real) and not isinstance(energy_rtol, bool) and 0 < energy_rtol < 1
+        ):
+            raise ValueError(
+                "energy_rtol must be a float in (0, 1), the energy method's tolerance on its estimated "
+                f"relative length error, or None (1e-5 in float64, 1e-4 in float32), got {energy_rtol!r}"
+            )
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive int (pairs solved at once) or None (all), got {chunk_size!r}")
         self.decoder = as_decoder(decoder)
         self._metric_kwargs = dict(
             regularization=float(regularization),
@@ -150,8 +162,8 @@ class PullbackManifold(VectorSpaceOpenSet):
             log_tol=log_tol,
             max_iter=max_iter,
             log_method=log_method,
-            energy_rtol=energy_rtol,
-            chunk_size=chunk_size,
+            energy_rtol=None if energy_rtol is None else float(energy_rtol),
+            chunk_size=None if chunk_size is None else int(chunk_size),
             on_failure=on_failure,
         )
         super().__init__(dim=dim, embedding_space=Euclidean(dim, equip=False), equip=equip)

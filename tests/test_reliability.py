@@ -24,6 +24,7 @@ import math
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,13 +199,22 @@ def test_exp_of_an_empty_batch_is_empty(counted):
         (dict(max_iter=0), ValueError, "max_iter must be a positive int"),
         (dict(log_tol=-1e-8), ValueError, "log_tol must be a positive float"),
         (dict(log_method="newton"), ValueError, "log_method must be one of"),
+        (dict(energy_rtol=0.0), ValueError, "energy_rtol must be a float in (0, 1)"),
+        (dict(energy_rtol=NAN), ValueError, "energy_rtol must be a float in (0, 1)"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+        (dict(chunk_size=1.5), ValueError, "chunk_size must be a positive int"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs, error, fragment):
     decoder = Counting(tanh_mlp(2, 3, hidden=4, seed=0))
-    with pytest.raises(error, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         PullbackManifold(decoder, dim=2, **kwargs)
     assert decoder.sizes == []
+
+
+def test_numpy_integer_settings_are_accepted():
+    space = PullbackManifold(tanh_mlp(2, 3, hidden=4, seed=0), dim=np.int64(2), chunk_size=np.int64(8))
+    assert space.dim == 2 and type(space.dim) is int and space.metric.chunk_size == 8
 
 
 # ------------------------------------------------------------------- decoders
