@@ -334,11 +334,12 @@ class DecoderPullbackMetric(RiemannianMetric):
         probe = z[:2]
         try:
             out = self._embed(probe)
-        except RuntimeError as err:
+        except (RuntimeError, IndexError) as err:  # IndexError: a decoder written for one point z[0], z[1]
             raise DecoderError(
                 f"the decoder failed on latent points of shape {tuple(probe.shape)}, dtype {z.dtype}, "
-                f"device {z.device}: {err}. Pass points with the decoder's dtype and device, or an "
-                "nn.Module (which is cast to the points' dtype and device automatically)."
+                f"device {z.device}: {type(err).__name__}: {err}. It must map a batch (n, {self.dim}) to "
+                "(n, ...), row by row. Pass points with the decoder's dtype and device, or an nn.Module "
+                "(which is cast to the points' dtype and device automatically)."
             ) from err
         if not torch.isfinite(out).all():
             raise DecoderError(
@@ -567,8 +568,12 @@ class DecoderPullbackMetric(RiemannianMetric):
         (a, b, z), batch = self._prepare(
             "base_point", tangent_vec_a=tangent_vec_a, tangent_vec_b=tangent_vec_b, base_point=base_point
         )
+        return self._inner(a, b, z).reshape(batch)
+
+    def _inner(self, a: Tensor, b: Tensor, z: Tensor) -> Tensor:
+        """``a^T G(z) b`` of prepared ``(n, d)`` inputs."""
         G = self._check_finite(geometry.metric_matrix(self._embed, z, self.regularization), "the metric", z)
-        return torch.einsum("ni,nij,nj->n", a, G, b).reshape(batch)
+        return torch.einsum("ni,nij,nj->n", a, G, b)
 
     def squared_norm(self, vector, base_point=None):
         """Squared norm ``v^T G v``.
@@ -581,7 +586,8 @@ class DecoderPullbackMetric(RiemannianMetric):
         -------
         sq_norm : Tensor, shape=[...]
         """
-        return self.inner_product(vector, vector, base_point)
+        (v, z), batch = self._prepare("base_point", vector=vector, base_point=base_point)  # errors name `vector`
+        return self._inner(v, v, z).reshape(batch)
 
     def norm(self, vector, base_point=None):
         """Norm ``sqrt(v^T G v)``.
@@ -594,7 +600,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         -------
         norm : Tensor, shape=[...]
         """
-        return self.squared_norm(vector, base_point).clamp_min(0).sqrt()
+        return _sqrt_with_zero_subgradient(self.squared_norm(vector, base_point))
 
     def angle(self, tangent_vec_a, tangent_vec_b, base_point=None):
         """Angle between two tangent vectors, in radians, in ``[0, pi]``.
@@ -776,10 +782,11 @@ class DecoderPullbackMetric(RiemannianMetric):
         a, b = _as_tensor(point_a), _as_tensor(point_b)
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             return _SquaredDistance.apply(a, b, self)
-        if self.log_method != "auto":
-            return self.squared_norm(self.log(b, a), a)
-        # A length needs no end-point-accurate tangent vector: the certified discrete one.
-        return self.squared_norm(self._reported_log(b, a, "dist", polish=False).tangent_vec, a)
+        # Not self.log: a distance is reported under its own name, and does not depend on the
+        # last call (log's warm start). A length needs no end-point-accurate tangent vector:
+        # auto's certified discrete one.
+        polish = {"polish": False} if self.log_method == "auto" else {}
+        return self.squared_norm(self._reported_log(b, a, "dist", **polish).tangent_vec, a)
 
     def dist(self, point_a, point_b):
         """Geodesic distance.
@@ -792,11 +799,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         -------
         dist : Tensor, shape=[...]
         """
-        squared = self.squared_dist(point_a, point_b).clamp_min(0)
-        # Not sqrt() alone: its derivative at 0 is infinite, and inf * 0 made the gradient
-        # NaN at coinciding points. There the distance has no gradient; 0 is a subgradient.
-        positive = squared > 0
-        return torch.where(positive, torch.where(positive, squared, 1).sqrt(), 0)
+        return _sqrt_with_zero_subgradient(self.squared_dist(point_a, point_b))
 
     def parallel_transport(self, tangent_vec, base_point, direction=None, end_point=None):
         """Parallel transport of ``tangent_vec`` along the geodesic from ``base_point``.
@@ -1008,6 +1011,14 @@ def _geodesic_paths(m: DecoderPullbackMetric, z1: Tensor, z0: Tensor, result: Lo
         return out.reshape(*batch, times.shape[0], m.dim)
 
     return path
+
+
+def _sqrt_with_zero_subgradient(squared: Tensor) -> Tensor:
+    """``sqrt(max(squared, 0))``, with derivative 0 where it is 0. sqrt's derivative there is
+    infinite, and ``inf * 0`` made the gradient of a distance or norm NaN at coinciding points
+    or a zero vector, where it has none (a cone); 0 is a subgradient."""
+    positive = squared > 0
+    return torch.where(positive, torch.where(positive, squared, 1).sqrt(), 0)
 
 
 # A warm start is used for a pair whose base point moved by at most this fraction of the

@@ -266,6 +266,11 @@ def test_decoder_through_numpy_is_a_decoder_error():
         PullbackManifold(through_numpy, dim=2).metric.metric_matrix(P)
 
 
+def test_decoder_written_for_one_point_is_a_decoder_error():
+    with pytest.raises(DecoderError, match=r"IndexError.*must map a batch \(n, 2\) to \(n, \.\.\.\), row by row"):
+        PullbackManifold(lambda z: torch.stack([z[0], z[1], z[0] * z[1]]), dim=2).metric.dist(P, P + 0.1)
+
+
 def test_decoder_with_wrong_dtype_says_how_to_fix_it():
     W = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))  # float32 weights
     with pytest.raises(DecoderError, match="Pass points with the decoder's dtype and device, or an nn.Module"):

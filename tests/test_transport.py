@@ -122,3 +122,7 @@ def test_dist_gradient_at_coinciding_points_is_zero_not_nan():
     assert torch.equal(grad[0], torch.zeros(2, dtype=F64))
     (expected,) = torch.autograd.grad(space.metric.squared_dist(a[1:], b[1:]).sqrt().sum(), a)
     torch.testing.assert_close(grad[1:], expected[1:], rtol=1e-12, atol=0)
+    # Likewise the norm at the zero vector.
+    vector = torch.zeros(2, dtype=F64, requires_grad=True)
+    (grad,) = torch.autograd.grad(space.metric.norm(vector, a[0].detach()), vector)
+    assert torch.equal(grad, torch.zeros(2, dtype=F64))
