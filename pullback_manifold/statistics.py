@@ -14,6 +14,8 @@ give scikit-learn's estimators a matrix from :func:`pairwise_dists` with
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -78,8 +80,10 @@ def pairwise_dists(space, points_a, points_b=None, *, chunk_size: int | None = N
     """
     metric = space.metric
     symmetric = points_b is None
-    a = _as_points(points_a, "points_a", space.dim)
-    b = a if symmetric else _as_points(points_b, "points_b", space.dim)
+    # A point's size: the latent dimension here, the ambient one of an embedded manifold (a sphere's 3).
+    size = space.dim if isinstance(metric, DecoderPullbackMetric) else math.prod(space.shape)
+    a = _as_points(points_a, "points_a", size)
+    b = a if symmetric else _as_points(points_b, "points_b", size)
     if a.device != b.device:
         raise ValueError(f"points_a is on {a.device} and points_b on {b.device}: move them to one device")
     dtype = torch.promote_types(a.dtype, b.dtype)

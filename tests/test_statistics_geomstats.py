@@ -128,6 +128,12 @@ def test_pairwise_dists_on_another_geomstats_space_uses_its_dist():
     within = pairwise_dists(Euclidean(3), a)
     assert torch.equal(within, within.T) and torch.equal(within.diagonal(), torch.zeros(4, dtype=F64))
     torch.testing.assert_close(within, torch.cdist(a, a), rtol=1e-12, atol=1e-12)
+    # An embedded manifold: points in the ambient space (they were checked against dim = 2).
+    from geomstats.geometry.hypersphere import Hypersphere
+
+    x = torch.nn.functional.normalize(torch.randn(4, 3, generator=g, dtype=F64), dim=-1)
+    angles = (x @ x.T).clamp(-1, 1).arccos().fill_diagonal_(0)
+    torch.testing.assert_close(pairwise_dists(Hypersphere(2), x), angles, rtol=1e-10, atol=1e-10)
 
 
 def test_pairwise_dists_rejects_malformed_points():
