@@ -86,28 +86,33 @@ class _TorchFunction:
                 k: (t.detach().to(device=device, dtype=dtype) if t.is_floating_point() else t.detach().to(device))
                 for k, t in named
             }
+            # The values each copy was made from (prepare() compares them with the tensors);
+            # none for a tensor used as it is.
+            sources = {k: t.detach().clone() for k, t in named if state[k].data_ptr() != t.data_ptr()} if top_level else {}
         # Tensors made inside a torch.func transform belong to its level: caching them
         # would leak them into later transforms, so only cache at top level.
         if top_level:
-            self._cache[(dtype, device)] = (key, state)
+            self._cache[(dtype, device)] = (key, state, sources)
         return state
 
     def prepare(self, dtype: torch.dtype, device: torch.device) -> None:
         """Cache the parameters cast to ``dtype``/``device``, again if they changed since;
         call outside any transform (once per public call)."""
         if isinstance(self.fn, nn.Module):
-            cached = self._cache.get((dtype, device))
-            if cached is not None and not self._copies_current(cached[1]):
-                del self._cache[(dtype, device)]
-            for key, (weight, _, values) in list(self._derived.items()):
-                if key[1:] == (dtype, device) and not torch.equal(weight, values):
-                    del self._derived[key]
-            self._state(dtype, device)
+            with module_lock():  # two threads may find the same entry stale
+                cached = self._cache.get((dtype, device))
+                if cached is not None and not self._copies_current(cached[1], cached[2]):
+                    self._cache.pop((dtype, device), None)
+                for key, (weight, _, values) in list(self._derived.items()):
+                    if key[1:] == (dtype, device) and not torch.equal(weight, values):
+                        self._derived.pop(key, None)
+                self._state(dtype, device)
 
-    def _copies_current(self, state: dict[str, Tensor]) -> bool:
-        """Whether the cast copies ``state`` still equal the module's tensors. Writes through
-        ``.data`` (manual updates, ``nn.utils.vector_to_parameters``) change neither a tensor's
-        identity nor its version, which is all :meth:`_state` looks at."""
+    def _copies_current(self, state: dict[str, Tensor], sources: dict[str, Tensor]) -> bool:
+        """Whether the copies ``state`` were made from the module's tensors as they are now
+        (``sources``: the values they were made from). Writes through ``.data`` (manual
+        updates, ``nn.utils.vector_to_parameters``) change neither a tensor's identity nor
+        its version, which is all :meth:`_state` looks at."""
         with module_lock():
             named = list(self.fn.named_parameters()) + list(self.fn.named_buffers())
             if len(named) != len(state):
@@ -118,7 +123,9 @@ class _TorchFunction:
                     return False
                 if copy.data_ptr() == t.data_ptr():
                     continue  # not a copy: the tensor itself
-                if not torch.equal(copy, t.detach().to(device=copy.device, dtype=copy.dtype)):
+                source = sources.get(name)
+                # Same dtype and device: a comparison without casting (one pass, no allocation).
+                if source is None or not torch.equal(source, t.detach()):
                     return False
         return True
 

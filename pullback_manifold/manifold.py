@@ -1018,7 +1018,8 @@ def _sqrt_with_zero_subgradient(squared: Tensor) -> Tensor:
     infinite, and ``inf * 0`` made the gradient of a distance or norm NaN at coinciding points
     or a zero vector, where it has none (a cone); 0 is a subgradient."""
     positive = squared > 0
-    return torch.where(positive, torch.where(positive, squared, 1).sqrt(), 0)
+    # Not a constant 0 where it is not positive: a NaN (a failed pair) must stay NaN.
+    return torch.where(positive, torch.where(positive, squared, 1).sqrt(), squared.clamp_min(0) * 0)
 
 
 # A warm start is used for a pair whose base point moved by at most this fraction of the

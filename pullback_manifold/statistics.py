@@ -14,7 +14,6 @@ give scikit-learn's estimators a matrix from :func:`pairwise_dists` with
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
@@ -80,10 +79,10 @@ def pairwise_dists(space, points_a, points_b=None, *, chunk_size: int | None = N
     """
     metric = space.metric
     symmetric = points_b is None
-    # A point's size: the latent dimension here, the ambient one of an embedded manifold (a sphere's 3).
-    size = space.dim if isinstance(metric, DecoderPullbackMetric) else math.prod(space.shape)
-    a = _as_points(points_a, "points_a", size)
-    b = a if symmetric else _as_points(points_b, "points_b", size)
+    # A point's shape: (d,) here; another space's own (a sphere's ambient (3,), an SPD matrix's (3, 3)).
+    shape = (space.dim,) if isinstance(metric, DecoderPullbackMetric) else tuple(space.shape)
+    a = _as_points(points_a, "points_a", shape)
+    b = a if symmetric else _as_points(points_b, "points_b", shape)
     if a.device != b.device:
         raise ValueError(f"points_a is on {a.device} and points_b on {b.device}: move them to one device")
     dtype = torch.promote_types(a.dtype, b.dtype)
@@ -96,7 +95,7 @@ def pairwise_dists(space, points_a, points_b=None, *, chunk_size: int | None = N
     else:
         grid = torch.meshgrid(torch.arange(n_a, device=a.device), torch.arange(n_b, device=a.device), indexing="ij")
         rows, cols = (idx.reshape(-1) for idx in grid)
-    distinct = (a[rows] != b[cols]).any(-1)  # identical points: distance 0, nothing to solve
+    distinct = (a[rows] != b[cols]).reshape(len(rows), -1).any(-1)  # identical points: distance 0, nothing to solve
     rows, cols = rows[distinct], cols[distinct]
 
     if len(rows):
@@ -115,10 +114,11 @@ def pairwise_dists(space, points_a, points_b=None, *, chunk_size: int | None = N
     return dists
 
 
-def _as_points(points, name: str, dim: int) -> Tensor:
+def _as_points(points, name: str, shape: tuple[int, ...]) -> Tensor:
     points = _as_tensor(points)
-    if points.dim() != 2 or points.shape[-1] != dim:
-        raise ValueError(f"{name} has shape {tuple(points.shape)}: expected (n, {dim}), a batch of latent points")
+    if points.dim() != 1 + len(shape) or tuple(points.shape[1:]) != shape:
+        expected = ", ".join(map(str, ("n", *shape)))
+        raise ValueError(f"{name} has shape {tuple(points.shape)}: expected ({expected}), a batch of points")
     if not points.is_floating_point():
         raise TypeError(f"{name} has dtype {points.dtype}: expected a floating dtype (float32 or float64)")
     return points

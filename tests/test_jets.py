@@ -315,6 +315,9 @@ def test_old_style_weight_norm_is_applied():
     got, expected = PullbackManifold(net, dim=2).metric, PullbackManifold(plain, dim=2).metric
     torch.testing.assert_close(got.metric_matrix(z), expected.metric_matrix(z), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(got.geodesic_acceleration(z, v), expected.geodesic_acceleration(z, v), rtol=1e-10, atol=1e-12)
+    # The hook's weight, made inside torch.func's transform, did not stay on the module.
+    assert type(layer.weight) is torch.Tensor
+    copy.deepcopy(net)
 
 
 def test_layer_norm_second_derivatives_match_finite_differences():
@@ -334,4 +337,31 @@ def test_layer_norm_second_derivatives_match_finite_differences():
             4 * h * h
         )
     # Central differences are accurate to O(h^2) ~ 1e-8 here; the torch bug was 1e-1.
+    torch.testing.assert_close(jet.second, central, rtol=0, atol=1e-6)
+
+
+class _NormalizedBlock(nn.Module):
+    """A custom module calling a LayerNorm: no closed-form rule, the generic path."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.norm, self.out = nn.Linear(2, 8), nn.LayerNorm(8), nn.Linear(8, 5)
+
+    def forward(self, z):
+        return self.out(torch.tanh(self.norm(self.linear(z))))
+
+
+def test_layer_norm_inside_a_custom_module_matches_finite_differences():
+    """torch.func's generic path replaces F.layer_norm by elementary operations too (it was
+    0.21 off inside a custom module)."""
+    torch.manual_seed(0)
+    net = _NormalizedBlock().double()
+    z = torch.randn(4, 2, dtype=F64)
+    u, w = torch.randn(2, 4, 2, dtype=F64)
+    jet = embedding_jet(as_decoder(net), z, torch.stack([u, w]), (0, 1))
+    h = 1e-4
+    with torch.no_grad():
+        central = (net(z + h * u + h * w) - net(z + h * u - h * w) - net(z - h * u + h * w) + net(z - h * u - h * w)) / (
+            4 * h * h
+        )
     torch.testing.assert_close(jet.second, central, rtol=0, atol=1e-6)

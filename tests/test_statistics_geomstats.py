@@ -134,6 +134,14 @@ def test_pairwise_dists_on_another_geomstats_space_uses_its_dist():
     x = torch.nn.functional.normalize(torch.randn(4, 3, generator=g, dtype=F64), dim=-1)
     angles = (x @ x.T).clamp(-1, 1).arccos().fill_diagonal_(0)
     torch.testing.assert_close(pairwise_dists(Hypersphere(2), x), angles, rtol=1e-10, atol=1e-10)
+    # Matrix-shaped points (they were asked for flattened).
+    from geomstats.geometry.spd_matrices import SPDMatrices
+
+    spd = SPDMatrices(2)
+    m = torch.randn(3, 2, 2, generator=g, dtype=F64)
+    m = m @ m.transpose(-1, -2) + torch.eye(2, dtype=F64)
+    expected = torch.stack([spd.metric.dist(m[i].expand(3, 2, 2), m) for i in range(3)])
+    torch.testing.assert_close(pairwise_dists(spd, m), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_pairwise_dists_rejects_malformed_points():

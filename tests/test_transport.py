@@ -126,3 +126,10 @@ def test_dist_gradient_at_coinciding_points_is_zero_not_nan():
     vector = torch.zeros(2, dtype=F64, requires_grad=True)
     (grad,) = torch.autograd.grad(space.metric.norm(vector, a[0].detach()), vector)
     assert torch.equal(grad, torch.zeros(2, dtype=F64))
+
+    # A failed pair (NaN squared distance) stays NaN: it once read as distance 0.
+    from pullback_manifold.manifold import _sqrt_with_zero_subgradient
+
+    squared = torch.tensor([4.0, 0.0, float("nan")], dtype=F64, requires_grad=True)
+    root = _sqrt_with_zero_subgradient(squared)
+    assert root[0] == 2 and root[1] == 0 and root[2].isnan()
