@@ -625,7 +625,8 @@ class DecoderPullbackMetric(RiemannianMetric):
         return torch.arccos(cos.clamp(-1.0, 1.0)).reshape(batch)
 
     def curve_length(self, curve):
-        """Length of a discretized latent curve, measured on the decoded curve.
+        """Length of a discretized latent curve, measured on the decoded curve (with the
+        ``regularization`` term ``eps |dz|^2`` added, as in :meth:`dist`).
 
         Parameters
         ----------
@@ -639,7 +640,8 @@ class DecoderPullbackMetric(RiemannianMetric):
         return geometry.curve_length(geometry.regularized(self._embed, self.regularization), curve)
 
     def curve_energy(self, curve):
-        """Energy ``1/2 int |d/dt f(c)|^2 dt`` of a discretized latent curve on ``t in [0, 1]``.
+        """Energy ``1/2 int |d/dt f(c)|^2 dt`` of a discretized latent curve on ``t in [0, 1]``
+        (plus ``eps/2 int |dc/dt|^2 dt`` with ``regularization`` eps).
 
         Parameters
         ----------
