@@ -88,7 +88,9 @@ class _TorchFunction:
             }
             # The values each copy was made from (prepare() compares them with the tensors);
             # none for a tensor used as it is.
-            sources = {k: t.detach().clone() for k, t in named if state[k].data_ptr() != t.data_ptr()} if top_level else {}
+            sources = {}
+            if top_level:
+                sources = {k: t.detach().clone() for k, t in named if state[k].data_ptr() != t.data_ptr()}
         # Tensors made inside a torch.func transform belong to its level: caching them
         # would leak them into later transforms, so only cache at top level.
         if top_level:

@@ -466,7 +466,9 @@ def _metric_gauss_newton(embed: MetricDecoder, curve: Tensor, xtol: float, max_s
             curve[active[todo[better]]] = trial[better]
             accepted[todo[better]] = True
             factor /= 2
-        curve[active[small]] = c[small] - torch.cat([torch.zeros_like(step[small][:, :1]), step[small], torch.zeros_like(step[small][:, :1])], dim=1)
+        final = c[small].clone()
+        final[:, 1:-1] -= step[small]
+        curve[active[small]] = final
         converged[active[small]] = True
         stuck[active[~accepted]] = True
     return curve, converged

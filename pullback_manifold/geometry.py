@@ -20,7 +20,6 @@ With ``J = d embed / d z`` (``(n, D, d)``):
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 
 import torch

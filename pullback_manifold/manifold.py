@@ -154,7 +154,9 @@ class PullbackManifold(VectorSpaceOpenSet):
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
         ):
-            raise ValueError(f"chunk_size must be a positive int (pairs solved at once) or None (all), got {chunk_size!r}")
+            raise ValueError(
+                f"chunk_size must be a positive int (pairs solved at once) or None (all), got {chunk_size!r}"
+            )
         self.decoder = as_decoder(decoder)
         self._metric_kwargs = dict(
             regularization=float(regularization),
@@ -1094,7 +1096,10 @@ class ShootingLogSolver(LogSolver):
         flat_guess = guess.expand(*batch, m.dim).reshape(-1, m.dim)
         warm = torch.isfinite(flat_guess).all(-1)
         rows = [warm.nonzero().squeeze(-1), (~warm).nonzero().squeeze(-1)]
-        parts = [m.solve_log(z1[rows[0]], z0[rows[0]], initial_tangent_vec=flat_guess[rows[0]]), m.solve_log(z1[rows[1]], z0[rows[1]])]
+        parts = [
+            m.solve_log(z1[rows[0]], z0[rows[0]], initial_tangent_vec=flat_guess[rows[0]]),
+            m.solve_log(z1[rows[1]], z0[rows[1]]),
+        ]
         if len(rows[0]) == 0:  # its (empty) result has no tolerance
             rows, parts = rows[1:], parts[1:]
         n = len(z1)

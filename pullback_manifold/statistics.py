@@ -14,7 +14,6 @@ give scikit-learn's estimators a matrix from :func:`pairwise_dists` with
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

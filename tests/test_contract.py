@@ -243,7 +243,8 @@ def test_parameters_changed_through_data_are_seen(dtype):
     torch.testing.assert_close(metric.dist(a, b), PullbackManifold(net, dim=2).metric.dist(a, b), rtol=1e-12, atol=0)
     net[4].weight.data.mul_(2)
     z = torch.tensor([[0.1, -0.3]], dtype=F64)
-    torch.testing.assert_close(metric.metric_matrix(z), PullbackManifold(net, dim=2).metric.metric_matrix(z), rtol=1e-12, atol=0)
+    expected = PullbackManifold(net, dim=2).metric.metric_matrix(z)
+    torch.testing.assert_close(metric.metric_matrix(z), expected, rtol=1e-12, atol=0)
     assert not torch.allclose(metric.dist(a, b), before)
     # A widening output layer: the metric and the energy method use a factor of its weight.
     wide = tanh_mlp(2, 30, hidden=8, dtype=dtype)

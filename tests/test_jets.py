@@ -314,7 +314,9 @@ def test_old_style_weight_norm_is_applied():
     z, v = torch.randn(2, 4, 2, dtype=F64)
     got, expected = PullbackManifold(net, dim=2).metric, PullbackManifold(plain, dim=2).metric
     torch.testing.assert_close(got.metric_matrix(z), expected.metric_matrix(z), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(got.geodesic_acceleration(z, v), expected.geodesic_acceleration(z, v), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        got.geodesic_acceleration(z, v), expected.geodesic_acceleration(z, v), rtol=1e-10, atol=1e-12
+    )
     # The hook's weight, made inside torch.func's transform, did not stay on the module.
     assert type(layer.weight) is torch.Tensor
     copy.deepcopy(net)
