@@ -1071,8 +1071,9 @@ class ShootingLogSolver(LogSolver):
         move = base_point - last_base
         # Newton goes to the geodesic nearest its start: from a base point that moved far, that
         # can be another, longer one than a cold solve finds.
-        metric = self.metric
-        near = metric.squared_norm(move, last_base) <= _WARM_START_MOVE**2 * metric.squared_norm(last_vec, last_base)
+        G = self.metric.metric_matrix(last_base)  # (..., d, d)
+        moved, length = (torch.einsum("...i,...ij,...j->...", v, G, v) for v in (move, last_vec))
+        near = moved <= _WARM_START_MOVE**2 * length
         return torch.where(near.unsqueeze(-1), last_vec - move, torch.nan)
 
     def log(self, point, base_point):
