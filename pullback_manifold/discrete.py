@@ -36,7 +36,15 @@ from torch import Tensor
 from .block_tridiagonal import solve_block_tridiagonal
 from .decoders import MetricDecoder, casts_to_input
 from .geodesics import LogResult
-from .geometry import Embedding, _squared_speeds, curve_energy, curve_length, embedding_jet, metric_matrix
+from .geometry import (
+    Embedding,
+    _squared_speeds,
+    curve_energy,
+    curve_length,
+    embedding_jet,
+    metric_matrix,
+    midpoint_speeds,
+)
 
 __all__ = ["discrete_geodesic", "energy_log", "newton_derivative_dtype", "interpolate_curve", "arc_length_times"]
 
@@ -447,10 +455,11 @@ def _metric_gauss_newton(embed: MetricDecoder, curve: Tensor, xtol: float, max_s
         c = curve[active]
         inner = c[:, 1:-1].clone().requires_grad_(True)
         with torch.enable_grad():
-            energy = curve_energy(embed, torch.cat([c[:, :1], inner, c[:, -1:]], dim=1))
+            # The energy (curve_energy's) and G at the midpoints from one metric evaluation.
+            squared, G = midpoint_speeds(embed, torch.cat([c[:, :1], inner, c[:, -1:]], dim=1))
+            energy = 0.5 * N * squared.sum(-1)
             (gradient,) = torch.autograd.grad(energy.sum(), inner)
-        energy = energy.detach()
-        G = embed.metric((0.5 * (c[:, 1:] + c[:, :-1])).reshape(-1, d)).reshape(len(c), N, d, d)
+        energy, G = energy.detach(), G.detach()
         step, positive = solve_block_tridiagonal(N * (G[:, :-1] + G[:, 1:]), -N * G[:, 1:-1], gradient)
         size = step.abs().amax((1, 2))
         small = positive & (size <= xtol * scale[active])

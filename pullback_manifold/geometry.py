@@ -325,12 +325,17 @@ def _metric_field_acceleration(field: MetricDecoder, z: Tensor, v: Tensor, regul
 def _squared_speeds(embed: Embedding, curve: Tensor) -> Tensor:
     """``|f(c_{i+1}) - f(c_i)|^2`` per segment, or ``dc^T G(midpoint) dc`` for a metric field."""
     if isinstance(embed, MetricDecoder):
-        *batch, n_nodes, d = curve.shape
-        steps = curve[..., 1:, :] - curve[..., :-1, :]
-        midpoints = (0.5 * (curve[..., 1:, :] + curve[..., :-1, :])).reshape(-1, d)
-        G = embed.metric(midpoints).reshape(*batch, n_nodes - 1, d, d)
-        return torch.einsum("...i,...ij,...j->...", steps, G, steps)
+        return midpoint_speeds(embed, curve)[0]
     return _decoded_increments(embed, curve).pow(2).sum(-1)
+
+
+def midpoint_speeds(embed: MetricDecoder, curve: Tensor) -> tuple[Tensor, Tensor]:
+    """``dc^T G(midpoint) dc`` per segment ``(..., N)``, and ``G`` at the midpoints ``(..., N, d, d)``."""
+    *batch, n_nodes, d = curve.shape
+    steps = curve[..., 1:, :] - curve[..., :-1, :]
+    midpoints = (0.5 * (curve[..., 1:, :] + curve[..., :-1, :])).reshape(-1, d)
+    G = embed.metric(midpoints).reshape(*batch, n_nodes - 1, d, d)
+    return torch.einsum("...i,...ij,...j->...", steps, G, steps), G
 
 
 def _decoded_increments(embed: Embedding, curve: Tensor) -> Tensor:
