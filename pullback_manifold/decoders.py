@@ -114,21 +114,21 @@ class _TorchFunction:
         """Whether the copies ``state`` were made from the module's tensors as they are now
         (``sources``: the values they were made from). Writes through ``.data`` (manual
         updates, ``nn.utils.vector_to_parameters``) change neither a tensor's identity nor
-        its version, which is all :meth:`_state` looks at."""
-        with module_lock():
-            named = list(self.fn.named_parameters()) + list(self.fn.named_buffers())
-            if len(named) != len(state):
+        its version, which is all :meth:`_state` looks at. Called by :meth:`prepare`, under
+        the module lock."""
+        named = list(self.fn.named_parameters()) + list(self.fn.named_buffers())
+        if len(named) != len(state):
+            return False
+        for name, t in named:
+            copy = state.get(name)
+            if copy is None or copy.shape != t.shape:
                 return False
-            for name, t in named:
-                copy = state.get(name)
-                if copy is None or copy.shape != t.shape:
-                    return False
-                if copy.data_ptr() == t.data_ptr():
-                    continue  # not a copy: the tensor itself
-                source = sources.get(name)
-                # Same dtype and device: a comparison without casting (one pass, no allocation).
-                if source is None or not torch.equal(source, t.detach()):
-                    return False
+            if copy.data_ptr() == t.data_ptr():
+                continue  # not a copy: the tensor itself
+            source = sources.get(name)
+            # Same dtype and device: a comparison without casting (one pass, no allocation).
+            if source is None or not torch.equal(source, t.detach()):
+                return False
         return True
 
     def _casts_to_input(self) -> bool:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
+from torch.nn.modules import module as module_globals
 
 from .errors import DecoderError
 
@@ -332,8 +333,6 @@ def has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` runs forward hooks or pre-hooks (its own or global ones),
     which a closed-form rule for its layer would not apply. Old-style ``weight_norm`` and
     ``spectral_norm`` are pre-hooks too."""
-    from torch.nn.modules import module as module_globals
-
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
