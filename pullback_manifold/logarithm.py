@@ -94,19 +94,27 @@ def _energy_by_smoothness(embed, point, base_point, kinked: Tensor, energy_rtol)
     """The energy method, with the piecewise-linear pairs solved as such."""
     if not kinked.any() or kinked.all():
         return energy_log(embed, point, base_point, rtol=energy_rtol, smooth=not kinked.any())[0]
-    result = None
+    parts = []
     for rows in ((~kinked).nonzero().squeeze(-1), kinked.nonzero().squeeze(-1)):
         part = energy_log(embed, point[rows], base_point[rows], rtol=energy_rtol, smooth=not bool(kinked[rows[0]]))[0]
-        if result is None:
-            result = LogResult(
-                torch.empty_like(point),
-                torch.zeros_like(kinked),
-                point.new_empty(len(point)),
-                torch.zeros(len(point), dtype=torch.long, device=point.device),
-                part.tol,
-                "energy",
-                energy_rtol=part.energy_rtol,
-            )
+        parts.append((rows, part))
+    return _assembled(point, parts, "energy")
+
+
+def _assembled(point: Tensor, parts: list[tuple[Tensor, LogResult]], method: str) -> LogResult:
+    """One result for the pairs of ``point`` ``(n, d)`` from results for disjoint nonempty sets of
+    ``rows`` that cover them: ``parts``, pairs ``(rows, result)``."""
+    n = len(point)
+    result = LogResult(
+        torch.empty_like(point),
+        torch.zeros(n, dtype=torch.bool, device=point.device),
+        point.new_empty(n),
+        torch.zeros(n, dtype=torch.long, device=point.device),
+        parts[0][1].tol,
+        method,
+        energy_rtol=next((part.energy_rtol for _, part in parts if part.energy_rtol is not None), None),
+    )
+    for rows, part in parts:
         _merge(result, rows, part, torch.ones_like(part.converged))
     return result
 

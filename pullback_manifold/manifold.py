@@ -36,7 +36,7 @@ from .decoders import Decoder, MetricDecoder, as_decoder  # noqa: E402
 from .errors import ConvergenceError, ConvergenceWarning, DecoderError  # noqa: E402
 from .discrete import arc_length_times, energy_log, interpolate_curve  # noqa: E402
 from .geodesics import LogResult, ODEOptions, exp, geodesic_flow, geodesic_ivp  # noqa: E402
-from .logarithm import METHODS, _merge, log_map, piecewise_linear_pairs  # noqa: E402
+from .logarithm import METHODS, _assembled, log_map, piecewise_linear_pairs  # noqa: E402
 from .transport import parallel_transport  # noqa: E402
 
 __all__ = ["PullbackManifold", "DecoderPullbackMetric", "ODEExpSolver", "ShootingLogSolver"]
@@ -1096,26 +1096,13 @@ class ShootingLogSolver(LogSolver):
         (z1, z0), batch = m._prepare("base_point", True, point=point, base_point=base_point)
         flat_guess = guess.expand(*batch, m.dim).reshape(-1, m.dim)
         warm = torch.isfinite(flat_guess).all(-1)
-        rows = [warm.nonzero().squeeze(-1), (~warm).nonzero().squeeze(-1)]
-        parts = [
-            m.solve_log(z1[rows[0]], z0[rows[0]], initial_tangent_vec=flat_guess[rows[0]]),
-            m.solve_log(z1[rows[1]], z0[rows[1]]),
-        ]
-        if len(rows[0]) == 0:  # its (empty) result has no tolerance
-            rows, parts = rows[1:], parts[1:]
-        n = len(z1)
-        result = LogResult(
-            z1.new_empty(n, m.dim),
-            torch.zeros(n, dtype=torch.bool, device=z1.device),
-            z1.new_empty(n),
-            torch.zeros(n, dtype=torch.long, device=z1.device),
-            parts[0].tol,
-            parts[0].method,
-            energy_rtol=next((p.energy_rtol for p in parts if p.energy_rtol is not None), None),
-        )
-        for index, part in zip(rows, parts):
-            _merge(result, index, part, torch.ones_like(part.converged))
-        m._report(result.n_failed, n, "log", int((result.piecewise_linear & ~result.converged).sum()))
+        parts = []
+        for rows, init in ((warm.nonzero().squeeze(-1), flat_guess), ((~warm).nonzero().squeeze(-1), None)):
+            if len(rows):  # an empty result has no tolerance
+                guess = None if init is None else init[rows]
+                parts.append((rows, m.solve_log(z1[rows], z0[rows], initial_tangent_vec=guess)))
+        result = _assembled(z1, parts, m.log_method)
+        m._report(result.n_failed, len(z1), "log", int((result.piecewise_linear & ~result.converged).sum()))
         return result.reshape(batch)
 
     def geodesic_bvp(self, point, base_point):
