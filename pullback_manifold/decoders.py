@@ -98,15 +98,17 @@ class _TorchFunction:
         return state
 
     def prepare(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Cache the parameters cast to ``dtype``/``device``, again if they changed since;
-        call outside any transform (once per public call)."""
+        """Cache the parameters cast to ``dtype``/``device``, and drop every cached copy made
+        before they changed; call outside any transform (once per public call)."""
         if isinstance(self.fn, nn.Module):
             with module_lock():  # two threads may find the same entry stale
-                cached = self._cache.get((dtype, device))
-                if cached is not None and not self._copies_current(cached[1], cached[2]):
-                    self._cache.pop((dtype, device), None)
+                # Every entry, not only this dtype's: a float64 solve also runs the decoder in
+                # float32 (the Newton derivatives, see discrete.newton_derivative_dtype).
+                for entry, cached in list(self._cache.items()):
+                    if not self._copies_current(cached[1], cached[2]):
+                        self._cache.pop(entry, None)
                 for key, (weight, _, values) in list(self._derived.items()):
-                    if key[1:] == (dtype, device) and not torch.equal(weight, values):
+                    if not torch.equal(weight, values):
                         self._derived.pop(key, None)
                 self._state(dtype, device)
 

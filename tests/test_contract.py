@@ -254,3 +254,29 @@ def test_parameters_changed_through_data_are_seen(dtype):
     fresh = PullbackManifold(wide, dim=2).metric
     torch.testing.assert_close(metric.metric_matrix(z), fresh.metric_matrix(z), rtol=1e-12, atol=0)
     torch.testing.assert_close(metric.dist(a, b), fresh.dist(a, b), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32 model", "float64 model"])
+def test_small_parameter_changes_reach_the_float32_derivatives(dtype):
+    """A float64 solve also runs the decoder in float32 (the energy method's Newton
+    derivatives). Those copies once went stale after a write through .data: a small change
+    passes the float32-float64 agreement check, and Newton then converged with the old
+    model's derivatives, to nodes off the new model's discrete geodesic."""
+    from pullback_manifold import discrete, geometry
+
+    net = tanh_mlp(2, 4, hidden=8, dtype=dtype)
+    metric = PullbackManifold(net, dim=2).metric
+    a, b = torch.zeros(2, dtype=F64), torch.tensor([0.5, 0.5], dtype=F64)
+    metric.dist(a, b)  # caches the cast copies, float32 ones included
+    torch.nn.utils.vector_to_parameters(
+        (1 + 1e-6) * torch.nn.utils.parameters_to_vector(net.parameters()), net.parameters()
+    )
+    fresh = PullbackManifold(net, dim=2).metric
+    assert metric.dist(a, b).item() == fresh.dist(a, b).item()
+    nodes = torch.tensor([[0.1, -0.3], [0.25, 0.25]], dtype=F64)
+    derivatives = [
+        discrete._node_derivatives(geometry.energy_embedding(m._embed, m.regularization), nodes, True, torch.float32)
+        for m in (metric, fresh)
+    ]
+    for old, new in zip(*derivatives):
+        assert torch.equal(old, new)
