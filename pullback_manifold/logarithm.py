@@ -90,13 +90,16 @@ def _merge(result: LogResult, rows: Tensor, other: LogResult, take: Tensor) -> N
     result.n_iterations[rows] += other.n_iterations
 
 
-def _energy_by_smoothness(embed, point, base_point, kinked: Tensor, energy_rtol) -> LogResult:
+def _energy_by_smoothness(
+    embed, point, base_point, kinked: Tensor, energy_rtol, lengths_only: bool = False
+) -> LogResult:
     """The energy method, with the piecewise-linear pairs solved as such."""
+    options = dict(rtol=energy_rtol, lengths_only=lengths_only)
     if not kinked.any() or kinked.all():
-        return energy_log(embed, point, base_point, rtol=energy_rtol, smooth=not kinked.any())[0]
+        return energy_log(embed, point, base_point, smooth=not kinked.any(), **options)[0]
     parts = []
     for rows in ((~kinked).nonzero().squeeze(-1), kinked.nonzero().squeeze(-1)):
-        part = energy_log(embed, point[rows], base_point[rows], rtol=energy_rtol, smooth=not bool(kinked[rows[0]]))[0]
+        part = energy_log(embed, point[rows], base_point[rows], smooth=not bool(kinked[rows[0]]), **options)[0]
         parts.append((rows, part))
     return _assembled(point, parts, "energy")
 
@@ -129,19 +132,29 @@ def _log_chunk(
     shooting: dict,
     energy_rtol: float | None,
     polish: bool = True,
+    lengths_only: bool = False,
 ) -> LogResult:
     kinked = piecewise_linear_pairs(embed, point, base_point)
     if method == "energy":
-        result = _energy_by_smoothness(energy_embed, point, base_point, kinked, energy_rtol)
+        result = _energy_by_smoothness(energy_embed, point, base_point, kinked, energy_rtol, lengths_only)
         result.method = method
         return result
     if method == "auto" and kinked.any():
-        result = _energy_by_smoothness(energy_embed, point, base_point, kinked, energy_rtol)
+        result = _energy_by_smoothness(energy_embed, point, base_point, kinked, energy_rtol, lengths_only)
         smooth = (~kinked).nonzero().squeeze(-1)
         if len(smooth):
             init = None if initial_tangent_vec is None else initial_tangent_vec[smooth]
             rest = _log_chunk(
-                embed, energy_embed, point[smooth], base_point[smooth], init, "auto", shooting, energy_rtol, polish
+                embed,
+                energy_embed,
+                point[smooth],
+                base_point[smooth],
+                init,
+                "auto",
+                shooting,
+                energy_rtol,
+                polish,
+                lengths_only,
             )
             result.n_iterations[smooth] = 0
             _merge(result, smooth, rest, torch.ones_like(rest.converged))
@@ -176,7 +189,9 @@ def _log_chunk(
         # point. Elsewhere Newton spends many long ODE solves to gain little: on the
         # digits VAE, shooting all 30 pairs of a batch took 200 s and polished 8; their
         # discrete geodesics took 7 s.
-        guess, _, _ = energy_log(energy_embed, point[todo], base_point[todo], rtol=energy_rtol)
+        guess, _, _ = energy_log(
+            energy_embed, point[todo], base_point[todo], rtol=energy_rtol, lengths_only=lengths_only
+        )
         # A pair the discrete geodesic could not certify gets its chance with shooting anyway;
         # a certified one, if polishing it pays (distances only: it never does).
         to_polish = ~guess.converged
@@ -237,6 +252,7 @@ def log_map(
     chunk_size: int | None = None,
     progress: bool = False,
     polish: bool = True,
+    lengths_only: bool = False,
 ) -> LogResult:
     """Logarithm map of a batch of pairs, by the chosen method.
 
@@ -266,6 +282,13 @@ def log_map(
         vectors). False when only lengths are needed (distances): the certified
         discrete lengths are the answer, and only the pairs they could not
         certify are shot.
+    lengths_only : bool
+        Only the lengths ``|v|_G`` of the tangent vectors are needed
+        (distances): no polish (as ``polish=False``), and the energy method
+        refines each discrete geodesic until its length is certified, which
+        takes about half the nodes; the directions of the tangent vectors are
+        then less accurate (see
+        :func:`~pullback_manifold.discrete.energy_log`).
 
     Returns
     -------
@@ -276,6 +299,7 @@ def log_map(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     shooting = dict(options=options, regularization=regularization, tol=tol, max_iter=max_iter)
+    polish = polish and not lengths_only
     n = len(point)
     if n == 0:
         empty = torch.zeros(0, dtype=torch.bool, device=point.device)
@@ -290,7 +314,16 @@ def log_map(
         init = None if initial_tangent_vec is None else initial_tangent_vec[lo:hi]
         parts.append(
             _log_chunk(
-                embed, energy_embed, point[lo:hi], base_point[lo:hi], init, method, shooting, energy_rtol, polish
+                embed,
+                energy_embed,
+                point[lo:hi],
+                base_point[lo:hi],
+                init,
+                method,
+                shooting,
+                energy_rtol,
+                polish,
+                lengths_only,
             )
         )
         if progress:

@@ -673,6 +673,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         chunk_size: int | None = None,
         progress: bool = False,
         polish: bool = True,
+        lengths_only: bool = False,
     ) -> LogResult:
         """Logarithm map with a per-pair convergence report; never warns.
 
@@ -692,6 +693,12 @@ class DecoderPullbackMetric(RiemannianMetric):
             ``pairwise_dists`` pass False): the certified discrete lengths are
             kept without shooting the pairs near their end point, which costs
             several times more (see :func:`~pullback_manifold.logarithm.log_map`).
+        lengths_only : bool
+            Only the norms ``|v|_G`` matter (``dist`` and ``pairwise_dists``
+            pass True): no polish, and the discrete geodesics are refined until
+            their lengths are certified, about half the work of certifying the
+            tangent vectors' directions, which are then less accurate (see
+            :func:`~pullback_manifold.logarithm.log_map`).
 
         Returns
         -------
@@ -723,6 +730,7 @@ class DecoderPullbackMetric(RiemannianMetric):
             chunk_size=self.chunk_size if chunk_size is None else chunk_size,
             progress=progress,
             polish=polish,
+            lengths_only=lengths_only,
         )
         return result.reshape(batch)
 
@@ -764,9 +772,9 @@ class DecoderPullbackMetric(RiemannianMetric):
     def squared_dist(self, point_a, point_b):
         """Squared geodesic distance, ``||log_a(b)||^2_G``, differentiable in both points.
 
-        With ``log_method="auto"`` the value is the certified length of the
-        discrete geodesic (``solve_log(..., polish=False)``): a distance needs no
-        end-point-accurate tangent vector.
+        With ``log_method="auto"`` or ``"energy"`` the value is the certified
+        length of the discrete geodesic (``solve_log(..., lengths_only=True)``):
+        a distance needs no end-point-accurate tangent vector.
 
         Gradients (when an input requires them) come from the first variation
         of the energy, not from differentiating the solver: with ``v = log_a(b)``
@@ -787,10 +795,8 @@ class DecoderPullbackMetric(RiemannianMetric):
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             return _SquaredDistance.apply(a, b, self)
         # Not self.log: a distance is reported under its own name, and does not depend on the
-        # last call (log's warm start). A length needs no end-point-accurate tangent vector:
-        # auto's certified discrete one.
-        polish = {"polish": False} if self.log_method == "auto" else {}
-        return self.squared_norm(self._reported_log(b, a, "dist", **polish).tangent_vec, a)
+        # last call (log's warm start). A length needs no end-point-accurate tangent vector.
+        return self.squared_norm(self._reported_log(b, a, "dist", lengths_only=True).tangent_vec, a)
 
     def dist(self, point_a, point_b):
         """Geodesic distance.

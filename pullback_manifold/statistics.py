@@ -102,7 +102,7 @@ def pairwise_dists(space, points_a, points_b=None, *, chunk_size: int | None = N
         if isinstance(metric, DecoderPullbackMetric):
             # The same report, and on_failure policy, as metric.dist: values are kept.
             result = metric._reported_log(
-                end, base, "pairwise_dists", chunk_size=chunk_size, progress=progress, polish=False
+                end, base, "pairwise_dists", chunk_size=chunk_size, progress=progress, lengths_only=True
             )
             values = metric.norm(result.tangent_vec, base)
         else:

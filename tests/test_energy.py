@@ -185,34 +185,37 @@ def test_polygon_arguments_are_checked_and_a_warm_start_joins_the_given_points()
     torch.testing.assert_close(length, truth, rtol=1e-6, atol=0)
 
 
-def _levels(chord_limit, chord_c, quad_limit, quad_c, sizes=(16, 32, 64)):
-    """Per-level ``(1, 2)`` lengths (one pair) of an O(h^2) chord and quadrature sequence."""
-    return [torch.tensor([[chord_limit - chord_c / N**2, quad_limit + quad_c / N**2]], dtype=F64) for N in sizes]
+def _levels(chord_limit, chord_c, spline_limit, spline_c, sizes=(16, 32, 64)):
+    """Per-level ``(1, 2)`` lengths (one pair): an O(h^2) chord and an O(h^4) spline sequence."""
+    return [torch.tensor([[chord_limit - chord_c / N**2, spline_limit + spline_c / N**4]], dtype=F64) for N in sizes]
 
 
-def test_error_estimate_bounds_the_error_of_a_regular_sequence():
+@pytest.mark.parametrize("lengths_only", [False, True])
+def test_error_estimate_bounds_the_error_of_a_regular_sequence(lengths_only):
     from pullback_manifold.discrete import _certify
 
-    # chords from below, the polygon's length from above, both O(h^2) with an h^4 term
+    # chords from below, O(h^2) with an h^4 term; the spline length from above, O(h^4)
     levels = [
-        torch.tensor([[5.0 - 3.0 / N**2 - 40.0 / N**4, 5.0 + 2.0 / N**2 + 30.0 / N**4]], dtype=F64)
+        torch.tensor([[5.0 - 3.0 / N**2 - 40.0 / N**4, 5.0 + 30.0 / N**4 + 200.0 / N**6]], dtype=F64)
         for N in (16, 32, 64)
     ]
-    length, error = _certify(levels, smooth=True)
+    length, error = _certify(levels, smooth=True, lengths_only=lengths_only)
+    assert length.item() == levels[-1][0, 1].item()  # the spline length: the more accurate one
     true_error = (length - 5.0).abs() / 5.0
     # bounded, yet well below the raw error of the finest chord length (1.5e-4)
     assert true_error.item() <= error.item() < 1e-4
 
 
-def test_error_estimate_sees_chords_that_jump_a_wall():
+@pytest.mark.parametrize("lengths_only", [False, True])
+def test_error_estimate_sees_chords_that_jump_a_wall(lengths_only):
     """Chord lengths that look converged (a thin high-metric region between nodes at every
-    level) are caught by the polygon's own length, which does not converge to them."""
+    level) are caught by the spline's length, which does not converge to them."""
     from pullback_manifold.discrete import _certify, _extrapolate
 
-    levels = _levels(10.0, 0.0, 10.4, 30.0)
+    levels = _levels(10.0, 0.0, 10.4, 3e5)
     assert _extrapolate([level[:, 0] for level in levels])[1].item() == 0.0  # the chords alone: "exact"
-    _, error = _certify(levels, smooth=True)
-    assert error.item() > 0.1
+    _, error = _certify(levels, smooth=True, lengths_only=lengths_only)
+    assert error.item() > 0.009  # the two differ by 4%: not certified at any sensible rtol
 
 
 def test_distances_skip_the_shooting_polish():
@@ -369,3 +372,38 @@ def test_float32_newton_matrices_give_the_float64_answer():
     assert ((low_length - full_length).abs() / full_length).max() <= 1e-10  # measured: 3e-16
     tangent_change = (low.tangent_vec - full.tangent_vec).norm(dim=-1) / full.tangent_vec.norm(dim=-1)
     assert tangent_change.max() <= 1e-7  # measured: 2e-9
+
+
+def test_spline_length_is_an_upper_bound_of_fourth_order():
+    """Through nodes O(h^2) off a geodesic (as a discrete geodesic's are), the spline's length
+    is above the geodesic's and O(h^4) off it: the error falls about 16-fold per halving."""
+    from pullback_manifold.discrete import _spline_length
+
+    angle = 1.2  # a great circle through the north pole: a chart line through z = 0
+    direction = torch.tensor([0.6, 0.8], dtype=F64)
+    normal = torch.tensor([-0.8, 0.6], dtype=F64)
+    errors = []
+    for N in (8, 16, 32, 64):
+        t = torch.linspace(0, 1, N + 1, dtype=F64)
+        radius = torch.tan(angle * t / 2)
+        nodes = radius[:, None] * direction + (2.0 / N**2) * torch.sin(math.pi * t)[:, None] * normal
+        errors.append((_spline_length(inverse_stereographic, nodes[None]) - angle).item())
+    assert all(e > 0 for e in errors)
+    ratios = [a / b for a, b in zip(errors, errors[1:])]
+    assert all(12 < r < 20 for r in ratios), ratios
+
+
+def test_lengths_only_stops_no_later_and_keeps_the_tolerance():
+    """Distances (lengths_only) certify the spline length itself: never more levels than a
+    log needs, and the great-circle distance to the tolerance."""
+    g = torch.Generator().manual_seed(5)
+    z0, z1 = sample_cap(12, 1.3, g), sample_cap(12, 1.3, g)
+    metric = PullbackManifold(inverse_stereographic, dim=2, log_method="energy").metric
+    full = metric.solve_log(z1, z0)
+    lengths = metric.solve_log(z1, z0, lengths_only=True)
+    assert full.converged.all() and lengths.converged.all()
+    assert (lengths.n_iterations <= full.n_iterations).all()
+    truth = great_circle(inverse_stereographic(z0), inverse_stereographic(z1))
+    for result in (full, lengths):
+        torch.testing.assert_close(metric.norm(result.tangent_vec, z0), truth, rtol=1e-5, atol=0)
+    torch.testing.assert_close(metric.dist(z0, z1), metric.norm(lengths.tangent_vec, z0), rtol=0, atol=0)
