@@ -19,6 +19,7 @@ Run:  OMP_NUM_THREADS=1 python benchmarks/energy_cost.py --problem d --pairs 200
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import time
@@ -41,6 +42,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rtol", type=float, help="the energy method's rtol (default: the library's, 1e-5 in float64)")
     parser.add_argument("--save", help="write the answers to this file (torch.save)")
     parser.add_argument("--compare", help="compare the answers with those saved in this file")
+    parser.add_argument(
+        "--lengths-only",
+        action="store_true",
+        help="solve_log(..., lengths_only=True), as dist and pairwise_dists call it (with a package from "
+        "before that option: the plain solve_log, which they called then)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -61,20 +68,23 @@ def main(argv=None) -> int:
         return node_derivatives(embed, nodes, *args, **kwargs)
 
     setattr(discrete, name, counting)
+    options = {"method": "energy"}
+    if args.lengths_only and "lengths_only" in inspect.signature(space.metric.solve_log).parameters:
+        options["lengths_only"] = True
     try:
-        space.metric.solve_log(z1[:2] * 0.9, z0[:2] * 0.9, method="energy")  # warm-up
+        space.metric.solve_log(z1[:2] * 0.9, z0[:2] * 0.9, **options)  # warm-up
         best = float("inf")
         for _ in range(args.repeats):
             passes[0] = 0
             start = time.perf_counter()
-            result = space.metric.solve_log(z1, z0, method="energy")
+            result = space.metric.solve_log(z1, z0, **options)
             best = min(best, time.perf_counter() - start)
     finally:
         setattr(discrete, name, node_derivatives)
     n = len(z0)
     levels = torch.bincount(result.n_iterations).tolist()
     print(
-        f"({args.problem}) {n} pairs, {args.threads} thread(s), package at "
+        f"({args.problem}) {n} pairs, {args.threads} thread(s), {options}, package at "
         f"{os.path.dirname(discrete.__file__)}: {best / n * 1e3:.1f} ms per log (best of {args.repeats}), "
         f"{passes[0] / n:.0f} Newton node passes per log, converged {result.converged.float().mean():.4f}, "
         f"pairs per number of levels {levels}"

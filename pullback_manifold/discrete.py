@@ -17,9 +17,10 @@ works where the geodesic ODE is degenerate (ReLU networks have ``d^2 f = 0``
 almost everywhere: their ODE geodesics are straight lines, which are not the
 shortest curves; their energy is piecewise smooth, and L-BFGS minimizes it).
 
-The answer converges as ``O(1/N^2)`` in the number of segments: the solver
-refines ``N -> 2N -> 4N``, extrapolates the length (Richardson) and reports the
-estimated discretization error, which decides convergence.
+The nodes converge as ``O(1/N^2)`` in the number of segments: the solver
+refines ``N -> 2N -> 4N``, reports the length of the cubic spline through the
+nodes (``O(1/N^4)``, an upper bound), checked against the Richardson-extrapolated
+chord length, and the estimated discretization error, which decides convergence.
 
 For a :class:`~pullback_manifold.decoders.MetricDecoder` (the metric is not a
 pull-back through one map) the energy uses ``G`` at segment midpoints and is
