@@ -627,7 +627,7 @@ def _initial_velocity(embed, base_point: Tensor, directions: list[Tensor], lengt
 
     The direction is Richardson-extrapolated from the two finest levels (the
     nodes and the difference are both second-order accurate); the speed comes
-    from the (extrapolated) length, since a geodesic has constant speed ``|v|_G = L``.
+    from the length (:func:`_certify`'s), since a geodesic has constant speed ``|v|_G = L``.
     """
     direction = directions[-1] + (directions[-1] - directions[-2]) / 3
     G = metric_matrix(embed, base_point)
@@ -665,7 +665,7 @@ def _node_velocities(curve: Tensor) -> Tensor:
     """``dc/dt`` ``(n, N + 1, d)`` at the nodes of polygons at uniform times, by finite
     differences: fourth order (five-node stencils, one-sided at the ends) from ``N = 4``,
     second order below."""
-    n, k, d = curve.shape
+    k = curve.shape[1]
     N = k - 1
     c = curve
     v = torch.empty_like(c)
@@ -697,9 +697,9 @@ def _polygon_length(embed, curve: Tensor) -> Tensor:
 
 
 def _quadrature(embed, points: Tensor, velocities: Tensor, weights: Tensor) -> Tensor:
-    """``sum_q weights_q |J(points) velocities|`` per segment and pair ``(n,)``, from
-    ``points`` ``(n N Q, d)`` and ``velocities`` ``(1, n N Q, d)``, pairs then segments
-    then quadrature points."""
+    """``sum_q weights_q |J(points) velocities|`` ``(n N,)``, one value per pair and segment,
+    from ``points`` ``(n N Q, d)`` and ``velocities`` ``(1, n N Q, d)``, ordered pairs, then
+    segments, then quadrature points."""
     speeds = torch.cat(
         [
             embedding_jet(embed, chunk, direction).first[0].reshape(len(chunk), -1).norm(dim=-1)
@@ -785,8 +785,7 @@ def _certify(lengths: list[Tensor], smooth: bool, lengths_only: bool = False) ->
     Both cross terms catch polygons whose chords jump over a thin region of
     large metric (a sigma wall) at every level so far, where the chord lengths
     alone can look converged. Without the cross-check (MetricDecoder,
-    piecewise-linear decoders): the chord extrapolation and its own estimate
-    (:func:`_extrapolate`).
+    piecewise-linear decoders): :func:`_extrapolate`'s length and estimate.
     """
     length, error = _extrapolate([level[:, 0] for level in lengths], smooth)
     if lengths[-1].shape[1] == 1 or not smooth:
@@ -822,10 +821,11 @@ def energy_log(
     Solves with ``n_segments``, then ``2 n_segments``, ... (``n_refinements``
     doublings, each warm-started from the previous curve), takes the length of
     the cubic spline through the finest polygon's nodes (for a smooth pull-back
-    decoder; else the decoded chord length extrapolated as ``L_2N + (L_2N -
-    L_N) / 3``), certifies it against the extrapolated chord length, and takes
-    the initial velocity, extrapolated from the two finest levels, scaled to that
-    length.
+    decoder; for a MetricDecoder, the decoded chord length extrapolated as
+    ``L_2N + (L_2N - L_N) / 3``; for a piecewise-linear decoder, the finest
+    chord length), certifies it against the extrapolated chord length, and
+    takes the initial velocity, extrapolated from the two finest levels, scaled
+    to that length.
 
     Parameters
     ----------
@@ -876,8 +876,11 @@ def energy_log(
         Only the lengths are needed (distances): refine until the length is
         certified, not until the chord extrapolation that the initial
         velocities follow is (see ``residual``). On 500 digits-VAE pairs this
-        stopped at about half the nodes, with lengths as accurate, and initial
-        directions 5 times less accurate (median ``2e-3``, see docs/math.md).
+        stopped at about half the nodes, with lengths within ``rtol`` (median
+        error ``2e-7``, ten times that of the default rule's lengths), and
+        initial directions 5 times less accurate (median ``2e-3``, see
+        docs/math.md). No effect for a MetricDecoder or a piecewise-linear
+        decoder (no spline length).
 
     Returns
     -------
@@ -889,15 +892,17 @@ def energy_log(
         (``|L_2N - L_N| / (3 L_2N)`` with one refinement); with
         ``lengths_only``, a quarter of the larger of that distance and the
         change of the spline length from the previous level; for a
-        MetricDecoder or a piecewise-linear decoder, the change of the chord
-        extrapolation, in full. ``converged`` also requires the optimizer to
-        have converged at every level; ``n_iterations`` counts levels.
+        MetricDecoder, the change of the chord extrapolation, in full; for a
+        piecewise-linear decoder, the last change of the chord length.
+        ``converged`` also requires the optimizer to have converged at every
+        level; ``n_iterations`` counts levels.
     curve : Tensor, shape=[n, n_segments * 2**n_refinements + 1, d]
         The finest polygon (pairs refined fewer times: their polygon with
         midpoints inserted).
     length : Tensor, shape=[n]
         The spline length of the finest polygon (the extrapolated chord length
-        for a MetricDecoder or a piecewise-linear decoder).
+        for a MetricDecoder, the finest chord length for a piecewise-linear
+        decoder); 0 for equal end points.
     """
     if n_refinements is None:
         n_refinements = 2 if smooth else 3
@@ -967,8 +972,13 @@ def energy_log(
     ok = torch.stack(oks).all(0)
     n_levels = torch.full((len(point),), n_refinements + 1, dtype=torch.long, device=point.device)
     decoded_rows = torch.arange(n, device=point.device)  # the pairs whose finest nodes ``decoded`` holds
+    # Equal end points: length 0 (the spline through equal nodes has a rounding-level length,
+    # which no certificate would pass), nothing to refine.
+    same = (point == base_point).all(-1)
+    length = torch.where(same, torch.zeros_like(length), length)
+    error = torch.where(same, torch.zeros_like(error), error)
     for _ in range(max_refinements - n_refinements):
-        todo = (torch.isfinite(length) & ~(ok & (error <= rtol))).nonzero().squeeze(-1)
+        todo = (torch.isfinite(length) & ~same & ~(ok & (error <= rtol))).nonzero().squeeze(-1)
         if len(todo) == 0:
             break
         guess = _refine_cubic(curve[todo]) if smooth else _refine(curve[todo])
@@ -990,8 +1000,6 @@ def energy_log(
         n_levels[todo] += 1
         curve = _refine(curve)
         curve[todo] = finer
-    same = (point == base_point).all(-1)
-    error = torch.where(same, torch.zeros_like(error), error)
     velocity = _initial_velocity(embed, base_point, directions, length)
     tangent_vec = torch.where(same[:, None], torch.zeros_like(point), velocity)
     converged = ok & torch.isfinite(error) & (error <= rtol) & torch.isfinite(tangent_vec).all(-1)

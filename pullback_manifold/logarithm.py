@@ -94,7 +94,7 @@ def _energy_by_smoothness(
     embed, point, base_point, kinked: Tensor, energy_rtol, lengths_only: bool = False
 ) -> LogResult:
     """The energy method, with the piecewise-linear pairs solved as such."""
-    options = dict(rtol=energy_rtol, lengths_only=lengths_only)
+    options = {"rtol": energy_rtol, "lengths_only": lengths_only}
     if not kinked.any() or kinked.all():
         return energy_log(embed, point, base_point, smooth=not kinked.any(), **options)[0]
     parts = []

@@ -689,10 +689,10 @@ class DecoderPullbackMetric(RiemannianMetric):
         progress : bool
             Print progress on stderr after each chunk.
         polish : bool
-            ``method="auto"``: False when only the lengths matter (``dist`` and
-            ``pairwise_dists`` pass False): the certified discrete lengths are
-            kept without shooting the pairs near their end point, which costs
-            several times more (see :func:`~pullback_manifold.logarithm.log_map`).
+            ``method="auto"``: False to keep the certified discrete answers
+            without shooting the pairs near their end point, which costs
+            several times more (see :func:`~pullback_manifold.logarithm.log_map`);
+            ``lengths_only`` implies it.
         lengths_only : bool
             Only the norms ``|v|_G`` matter (``dist`` and ``pairwise_dists``
             pass True): no polish, and the discrete geodesics are refined until
@@ -774,7 +774,10 @@ class DecoderPullbackMetric(RiemannianMetric):
 
         With ``log_method="auto"`` or ``"energy"`` the value is the certified
         length of the discrete geodesic (``solve_log(..., lengths_only=True)``):
-        a distance needs no end-point-accurate tangent vector.
+        a distance needs no end-point-accurate tangent vector. When an input
+        requires a gradient, the full :meth:`solve_log` answers instead (the
+        gradient needs the tangent vectors): the value may then differ within
+        ``energy_rtol``.
 
         Gradients (when an input requires them) come from the first variation
         of the energy, not from differentiating the solver: with ``v = log_a(b)``

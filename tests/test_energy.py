@@ -1,5 +1,6 @@
 """The energy method (discrete geodesics), method selection, ReLU decoders, chunking."""
 
+import itertools
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from decoders_zoo import great_circle, inverse_stereographic, sample_cap
-from pullback_manifold import ConvergenceWarning, PullbackManifold
+from pullback_manifold import ConvergenceWarning, PullbackManifold, pairwise_dists
 
 F64 = torch.float64
 SLOPE = 3.0
@@ -389,21 +390,73 @@ def test_spline_length_is_an_upper_bound_of_fourth_order():
         nodes = radius[:, None] * direction + (2.0 / N**2) * torch.sin(math.pi * t)[:, None] * normal
         errors.append((_spline_length(inverse_stereographic, nodes[None]) - angle).item())
     assert all(e > 0 for e in errors)
-    ratios = [a / b for a, b in zip(errors, errors[1:])]
+    ratios = [a / b for a, b in itertools.pairwise(errors)]
     assert all(12 < r < 20 for r in ratios), ratios
 
 
-def test_lengths_only_stops_no_later_and_keeps_the_tolerance():
+def test_lengths_only_stops_earlier_and_keeps_the_tolerance():
     """Distances (lengths_only) certify the spline length itself: never more levels than a
-    log needs, and the great-circle distance to the tolerance."""
+    log needs, fewer on some pairs at a tight tolerance, and the great-circle distance to
+    that tolerance."""
     g = torch.Generator().manual_seed(5)
     z0, z1 = sample_cap(12, 1.3, g), sample_cap(12, 1.3, g)
-    metric = PullbackManifold(inverse_stereographic, dim=2, log_method="energy").metric
+    metric = PullbackManifold(inverse_stereographic, dim=2, log_method="energy", energy_rtol=1e-10).metric
     full = metric.solve_log(z1, z0)
     lengths = metric.solve_log(z1, z0, lengths_only=True)
     assert full.converged.all() and lengths.converged.all()
     assert (lengths.n_iterations <= full.n_iterations).all()
+    assert (lengths.n_iterations < full.n_iterations).any()
     truth = great_circle(inverse_stereographic(z0), inverse_stereographic(z1))
     for result in (full, lengths):
-        torch.testing.assert_close(metric.norm(result.tangent_vec, z0), truth, rtol=1e-5, atol=0)
-    torch.testing.assert_close(metric.dist(z0, z1), metric.norm(lengths.tangent_vec, z0), rtol=0, atol=0)
+        torch.testing.assert_close(metric.norm(result.tangent_vec, z0), truth, rtol=1e-10, atol=0)
+
+
+def test_the_length_rule_is_the_looser_one():
+    """On a regular sequence both rules bound the spline length's error; the distances' rule
+    (lengths_only) by a smaller margin, so it stops sooner."""
+    from pullback_manifold.discrete import _certify
+
+    levels = [
+        torch.tensor([[5.0 - 3.0 / N**2 - 40.0 / N**4, 5.0 + 30.0 / N**4 + 200.0 / N**6]], dtype=F64)
+        for N in (16, 32, 64)
+    ]
+    length, log_error = _certify(levels, smooth=True)
+    _, length_error = _certify(levels, smooth=True, lengths_only=True)
+    true_error = (length - 5.0).abs() / 5.0
+    assert true_error.item() <= length_error.item() < log_error.item() / 4
+
+
+def test_distances_use_the_length_rule_and_logs_the_other(monkeypatch):
+    from pullback_manifold import discrete
+
+    calls = []
+    certify = discrete._certify
+
+    def spy(lengths, smooth, lengths_only=False):
+        calls.append(lengths_only)
+        return certify(lengths, smooth, lengths_only)
+
+    monkeypatch.setattr(discrete, "_certify", spy)
+    g = torch.Generator().manual_seed(2)
+    z0, z1 = sample_cap(3, 1.0, g), sample_cap(3, 1.0, g)
+    for log_method in ("energy", "auto"):
+        space = PullbackManifold(inverse_stereographic, dim=2, log_method=log_method)
+        for name, expected in (("dist", True), ("pairwise_dists", True), ("log", False)):
+            calls.clear()
+            if name == "dist":
+                space.metric.dist(z0, z1)
+            elif name == "pairwise_dists":
+                pairwise_dists(space, z0)
+            else:
+                space.metric.log(z1, z0)
+            assert calls and all(flag is expected for flag in calls), (log_method, name, calls)
+
+
+def test_equal_end_points_are_not_refined():
+    """The spline through equal nodes has a rounding-level length that no certificate passes:
+    such pairs get length 0 at the first certificate instead of running to max_refinements."""
+    from pullback_manifold.discrete import energy_log
+
+    z = sample_cap(3, 1.0, torch.Generator().manual_seed(4))
+    result, _, length = energy_log(inverse_stereographic, z, z)
+    assert (result.n_iterations == 3).all() and (length == 0).all() and result.converged.all()
