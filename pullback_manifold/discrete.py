@@ -763,6 +763,12 @@ def _advance(window: list[Tensor], rows: Tensor, new: Tensor, size: int) -> list
     return out
 
 
+# Floor of the length's error estimate, in units of the dtype's eps: the lengths are sums of
+# hundreds of rounded terms. Measured on 200 float32 sphere-chart pairs (64 segments): lengths
+# up to 8.8 eps off the great circle, and on 155 of them more than the estimate without a floor.
+_LENGTH_ROUNDING = 64
+
+
 def _certify(lengths: list[Tensor], smooth: bool, lengths_only: bool = False) -> tuple[Tensor, Tensor]:
     """Length and its estimated relative error, from levels of :func:`_level_lengths`.
 
@@ -785,19 +791,23 @@ def _certify(lengths: list[Tensor], smooth: bool, lengths_only: bool = False) ->
     Both cross terms catch polygons whose chords jump over a thin region of
     large metric (a sigma wall) at every level so far, where the chord lengths
     alone can look converged. Without the cross-check (MetricDecoder,
-    piecewise-linear decoders): :func:`_extrapolate`'s length and estimate.
+    piecewise-linear decoders): :func:`_extrapolate`'s length and estimate. Every
+    estimate is at least ``64 eps`` (rounding).
     """
     length, error = _extrapolate([level[:, 0] for level in lengths], smooth)
+    rounding = _LENGTH_ROUNDING * torch.finfo(length.dtype).eps
     if lengths[-1].shape[1] == 1 or not smooth:
-        return length, error
+        return length, error.clamp_min(rounding)
     spline = lengths[-1][:, 1]
     tiny = torch.finfo(length.dtype).tiny
     cross = (spline - length).abs() / spline.clamp_min(tiny)
     if lengths_only:
         change = (lengths[-2][:, 1] - spline).abs() / spline.clamp_min(tiny)
-        return spline, torch.maximum(change, cross) / 4
-    # With two levels only, ``error`` is that of the raw finer length: no regime argument.
-    return spline, torch.maximum(4 * cross, error / 4 if len(lengths) >= 3 else error)
+        error = torch.maximum(change, cross) / 4
+    else:
+        # With two levels only, ``error`` is that of the raw finer length: no regime argument.
+        error = torch.maximum(4 * cross, error / 4 if len(lengths) >= 3 else error)
+    return spline, error.clamp_min(rounding)
 
 
 @torch.no_grad()
