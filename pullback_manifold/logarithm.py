@@ -285,10 +285,9 @@ def log_map(
     lengths_only : bool
         Only the lengths ``|v|_G`` of the tangent vectors are needed
         (distances): no polish (as ``polish=False``), and the energy method
-        refines each discrete geodesic until its length is certified, which
-        takes about half the nodes; the directions of the tangent vectors are
-        then less accurate (see
-        :func:`~pullback_manifold.discrete.energy_log`).
+        refines each discrete geodesic until its length is certified, at
+        coarser levels; the directions of the tangent vectors are then less
+        accurate (see :func:`~pullback_manifold.discrete.energy_log`).
 
     Returns
     -------

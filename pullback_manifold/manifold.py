@@ -696,9 +696,10 @@ class DecoderPullbackMetric(RiemannianMetric):
         lengths_only : bool
             Only the norms ``|v|_G`` matter (``dist`` and ``pairwise_dists``
             pass True): no polish, and the discrete geodesics are refined until
-            their lengths are certified, about half the work of certifying the
-            tangent vectors' directions, which are then less accurate (see
-            :func:`~pullback_manifold.logarithm.log_map`).
+            their lengths are certified, at coarser levels than the tangent
+            vectors' directions need (on the digits VAE, 22% fewer decoder
+            passes and about 1.4 times faster), which are then less accurate
+            (see :func:`~pullback_manifold.logarithm.log_map`).
 
         Returns
         -------
