@@ -770,7 +770,17 @@ def _advance(window: list[Tensor], rows: Tensor, new: Tensor, size: int) -> list
 _LENGTH_ROUNDING = 64
 
 
-def _certify(lengths: list[Tensor], smooth: bool, lengths_only: bool = False) -> tuple[Tensor, Tensor]:
+def _chord_term(lengths: list[Tensor], smooth: bool) -> Tensor:
+    """A log's certificate without its spline term (:func:`_certify`): a quarter of the change
+    of the chord extrapolation between the last two level pairs, or, with two levels, the
+    estimated error of the raw finer length (no regime argument there)."""
+    _, error = _extrapolate([level[:, 0] for level in lengths], smooth)
+    return error / 4 if len(lengths) >= 3 and smooth else error
+
+
+def _certify(
+    lengths: list[Tensor], smooth: bool, lengths_only: bool = False, pending: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Length and its estimated relative error, from levels of :func:`_level_lengths`.
 
     With the cross-check (smooth pull-back decoders), the length is the spline
@@ -781,10 +791,10 @@ def _certify(lengths: list[Tensor], smooth: bool, lengths_only: bool = False) ->
 
     - for a log (default), the larger of ``4 |spline - chord|`` and a quarter of
       the change of the chord extrapolation between the last two level pairs
-      (which overestimates that extrapolation's error about 15-fold in the
-      asymptotic regime). It stops where the chord extrapolation is certified,
-      which keeps the initial velocities (extrapolated from the same levels) at
-      their accuracy: they converge more slowly than lengths.
+      (:func:`_chord_term`, which overestimates that extrapolation's error about
+      15-fold in the asymptotic regime). It stops where the chord extrapolation
+      is certified, which keeps the initial velocities (extrapolated from the
+      same levels) at their accuracy: they converge more slowly than lengths.
     - ``lengths_only`` (distances), a quarter of the larger of ``|spline -
       chord|`` and the change of the spline length from the previous level
       (about 10 and 15 times the spline's error in the asymptotic regime).
@@ -794,6 +804,10 @@ def _certify(lengths: list[Tensor], smooth: bool, lengths_only: bool = False) ->
     alone can look converged. Without the cross-check (MetricDecoder,
     piecewise-linear decoders): :func:`_extrapolate`'s length and estimate. Every
     estimate is at least ``64 eps`` (rounding).
+
+    ``pending`` (a log's rule only): pairs whose finest spline length was not
+    computed, because the chord term alone fails; they get the chord
+    extrapolation as a provisional length and the chord term as its error.
     """
     length, error = _extrapolate([level[:, 0] for level in lengths], smooth)
     rounding = _LENGTH_ROUNDING * torch.finfo(length.dtype).eps
@@ -806,9 +820,32 @@ def _certify(lengths: list[Tensor], smooth: bool, lengths_only: bool = False) ->
         change = (lengths[-2][:, 1] - spline).abs() / spline.clamp_min(tiny)
         error = torch.maximum(change, cross) / 4
     else:
-        # With two levels only, ``error`` is that of the raw finer length: no regime argument.
-        error = torch.maximum(4 * cross, error / 4 if len(lengths) >= 3 else error)
+        chord_term = _chord_term(lengths, smooth)
+        error = torch.maximum(4 * cross, chord_term)
+        if pending is not None:
+            spline = torch.where(pending, length, spline)
+            error = torch.where(pending, chord_term, error)
     return spline, error.clamp_min(rounding)
+
+
+def _spline_where_needed(
+    embed, lengths: list[Tensor], curve: Tensor, ok: Tensor, rtol: float, smooth: bool, final: bool
+) -> Tensor:
+    """Fill in the finest level's spline lengths (``lengths[-1][:, 1]``, in place) that a log's
+    certificate can pass with: where the optimizer converged and the chord term is within
+    ``rtol`` (elsewhere the pair is refined again whatever its spline), or everywhere on the
+    ``final`` level. Returns the rows left ``pending`` (for :func:`_certify`).
+
+    The quadrature costs about a fifth of a level's Newton iterations (digits VAE); most of
+    the spline lengths a log computed at every level were never read."""
+    if final:
+        needed = torch.ones_like(ok)
+    else:
+        needed = ok & (_chord_term(lengths, smooth) <= rtol)
+    rows = needed.nonzero().squeeze(-1)
+    if len(rows):
+        lengths[-1][rows, 1] = _spline_length(embed, curve[rows])
+    return ~needed
 
 
 @torch.no_grad()
@@ -952,15 +989,16 @@ def energy_log(
         keep = torch.cat([torch.arange(n, device=point.device), alternative[~same]])
         curve, ok, both, runners_up = curve[keep], ok[keep], both[keep], runners_up[~same]
         decoded = None if decoded is None else decoded[keep]
-    # A certificate reads the spline lengths of its last two levels only: the first is made
-    # after ``n_refinements`` (measured: the quadrature of the first level cost as much as
-    # choosing between the runner-ups below).
-    lengths = [_level_lengths(embed, curve, cross_check, decoded, spline=n_refinements <= 1)]
+    # ``lengths_only`` reads the spline lengths of the last two levels: the first is made after
+    # ``n_refinements`` (measured: the quadrature of the first level cost as much as choosing
+    # between the runner-ups below). A log reads the finest one only, made after the loop.
+    lengths = [_level_lengths(embed, curve, cross_check, decoded, spline=lengths_only and n_refinements <= 1)]
     oks, directions = [ok], [_initial_direction(curve)]
     for refinement in range(1, n_refinements + 1):
         guess = _refine_cubic(curve) if smooth else _refine(curve)
         curve, ok, decoded = _minimize(embed, guess, known=decoded, **options)
-        lengths.append(_level_lengths(embed, curve, cross_check, decoded, spline=refinement >= n_refinements - 1))
+        spline = lengths_only and refinement >= n_refinements - 1
+        lengths.append(_level_lengths(embed, curve, cross_check, decoded, spline=spline))
         oks.append(ok)
         directions.append(_initial_direction(curve))
         if len(both) > n:
@@ -978,18 +1016,24 @@ def energy_log(
             lengths, oks, directions = ([level[pick] for level in window] for window in (lengths, oks, directions))
             curve, both = curve[pick], both[:n]
             decoded = None if decoded is None else decoded[pick]
-    length, error = _certify(lengths, smooth, lengths_only)
     # The estimate is trusted when the optimizer converged at the levels it compares.
     lengths, oks, directions = lengths[-3:], oks[-3:], directions[-2:]
     ok = torch.stack(oks).all(0)
-    n_levels = torch.full((len(point),), n_refinements + 1, dtype=torch.long, device=point.device)
-    decoded_rows = torch.arange(n, device=point.device)  # the pairs whose finest nodes ``decoded`` holds
     # Equal end points: length 0 (the spline through equal nodes has a rounding-level length,
     # which no certificate would pass), nothing to refine.
     same = (point == base_point).all(-1)
+    log_rule = cross_check and not lengths_only
+    pending = None
+    if log_rule:
+        pending = _spline_where_needed(
+            embed, lengths, curve, ok & ~same, rtol, smooth, final=max_refinements == n_refinements
+        )
+    length, error = _certify(lengths, smooth, lengths_only, pending)
+    n_levels = torch.full((len(point),), n_refinements + 1, dtype=torch.long, device=point.device)
+    decoded_rows = torch.arange(n, device=point.device)  # the pairs whose finest nodes ``decoded`` holds
     length = torch.where(same, torch.zeros_like(length), length)
     error = torch.where(same, torch.zeros_like(error), error)
-    for _ in range(max_refinements - n_refinements):
+    for extra in range(max_refinements - n_refinements):
         todo = (torch.isfinite(length) & ~same & ~(ok & (error <= rtol))).nonzero().squeeze(-1)
         if len(todo) == 0:
             break
@@ -1004,11 +1048,16 @@ def energy_log(
             known = decoded[index]
         finer, ok_finer, decoded = _minimize(embed, guess, known=known, **options)
         decoded_rows = todo
-        lengths = _advance(lengths, todo, _level_lengths(embed, finer, cross_check, decoded), 3)
+        lengths = _advance(lengths, todo, _level_lengths(embed, finer, cross_check, decoded, spline=not log_rule), 3)
         oks = _advance(oks, todo, ok_finer, 3)
         directions = _advance(directions, todo, _initial_direction(finer), 2)
-        length[todo], error[todo] = _certify([level[todo] for level in lengths], smooth, lengths_only)
         ok[todo] = torch.stack([level[todo] for level in oks]).all(0)
+        window = [level[todo] for level in lengths]
+        if log_rule:
+            final = extra == max_refinements - n_refinements - 1
+            pending = _spline_where_needed(embed, window, finer, ok[todo], rtol, smooth, final)
+            lengths[-1][todo] = window[-1]
+        length[todo], error[todo] = _certify(window, smooth, lengths_only, pending)
         n_levels[todo] += 1
         curve = _refine(curve)
         curve[todo] = finer

@@ -432,9 +432,9 @@ def test_distances_use_the_length_rule_and_logs_the_other(monkeypatch):
     calls = []
     certify = discrete._certify
 
-    def spy(lengths, smooth, lengths_only=False):
+    def spy(lengths, smooth, lengths_only=False, pending=None):
         calls.append(lengths_only)
-        return certify(lengths, smooth, lengths_only)
+        return certify(lengths, smooth, lengths_only, pending)
 
     monkeypatch.setattr(discrete, "_certify", spy)
     g = torch.Generator().manual_seed(2)
@@ -450,6 +450,42 @@ def test_distances_use_the_length_rule_and_logs_the_other(monkeypatch):
             else:
                 space.metric.log(z1, z0)
             assert calls and all(flag is expected for flag in calls), (log_method, name, calls)
+
+
+def test_a_log_computes_only_the_spline_lengths_it_reads(monkeypatch):
+    """A log's certificate reads the finest level's spline length, and only where the chord
+    term passes: computing it nowhere else changes no result, and computes fewer."""
+    from pullback_manifold import discrete
+
+    g = torch.Generator().manual_seed(11)
+    z0, z1 = sample_cap(12, 1.2, g), sample_cap(12, 1.2, g)
+    rows = []
+    spline_length = discrete._spline_length
+
+    def counted(embed, curve):
+        rows.append(len(curve))
+        return spline_length(embed, curve)
+
+    monkeypatch.setattr(discrete, "_spline_length", counted)
+    # A tight tolerance: pairs stop at different levels, some past the mandatory ones.
+    options = dict(rtol=1e-12, n_refinements=2, max_refinements=5, global_start=False)
+    result, curve, length = discrete.energy_log(inverse_stereographic, z1, z0, **options)
+    lean = sum(rows)
+    assert len(set(result.n_iterations.tolist())) > 1, result.n_iterations
+
+    def everywhere(embed, lengths, curve, ok, rtol, smooth, final):
+        return spline_where_needed(embed, lengths, curve, ok, rtol, smooth, True)
+
+    spline_where_needed = discrete._spline_where_needed
+    monkeypatch.setattr(discrete, "_spline_where_needed", everywhere)
+    rows.clear()
+    full, full_curve, full_length = discrete.energy_log(inverse_stereographic, z1, z0, **options)
+    assert lean < sum(rows)
+    assert torch.equal(result.n_iterations, full.n_iterations)
+    assert torch.equal(result.converged, full.converged)
+    torch.testing.assert_close(length, full_length, rtol=1e-14, atol=0)
+    torch.testing.assert_close(result.residual, full.residual, rtol=1e-12, atol=0)
+    torch.testing.assert_close(result.tangent_vec, full.tangent_vec, rtol=1e-14, atol=0)
 
 
 def test_equal_end_points_are_not_refined():
