@@ -536,6 +536,8 @@ def discrete_geodesic(
     curve, n_segments = _checked_start(point, base_point, n_segments, initial_curve, 1)
     if curve is None:
         curve = _first_guess(point, base_point, n_segments, smooth)
+    if len(curve) == 0:
+        return curve, torch.ones(0, dtype=torch.bool, device=curve.device)
     return _minimize(embed, curve, max_iter, xtol, smooth, derivative_dtype)[:2]
 
 
@@ -964,6 +966,21 @@ def energy_log(
     initial_curve, n_segments = _checked_start(point, base_point, n_segments, initial_curve, 2)
     cross_check = smooth and not isinstance(embed, MetricDecoder)
     n = len(point)
+    if n == 0:
+        empty = point.new_zeros(0)
+        flags = torch.zeros(0, dtype=torch.bool, device=point.device)
+        result = LogResult(
+            point.clone(),
+            flags,
+            empty,
+            torch.zeros(0, dtype=torch.long, device=point.device),
+            tol=rtol,
+            method="energy",
+            from_energy=flags,
+            energy_rtol=rtol,
+            piecewise_linear=flags,
+        )
+        return result, point.new_zeros(0, n_segments * 2**n_refinements + 1, point.shape[1]), empty
     runners_up = torch.zeros(0, dtype=torch.long, device=point.device)
     if initial_curve is None and global_start and smooth:
         from .graph_start import shortest_path_start  # it builds on this module's polygons

@@ -488,6 +488,17 @@ def test_a_log_computes_only_the_spline_lengths_it_reads(monkeypatch):
     torch.testing.assert_close(result.tangent_vec, full.tangent_vec, rtol=1e-14, atol=0)
 
 
+def test_empty_batches():
+    from pullback_manifold.discrete import discrete_geodesic, energy_log
+
+    z = torch.zeros(0, 2, dtype=F64)
+    curve, converged = discrete_geodesic(inverse_stereographic, z, z, n_segments=8)
+    assert curve.shape == (0, 9, 2) and converged.shape == (0,)
+    result, curve, length = energy_log(inverse_stereographic, z, z, n_segments=8, n_refinements=2)
+    assert result.tangent_vec.shape == (0, 2) and result.converged.shape == (0,) and result.residual.shape == (0,)
+    assert curve.shape == (0, 33, 2) and length.shape == (0,)
+
+
 def test_equal_end_points_are_not_refined():
     """The spline through equal nodes has a rounding-level length that no certificate passes:
     such pairs get length 0 at the first certificate instead of running to max_refinements."""
