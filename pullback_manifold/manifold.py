@@ -256,6 +256,12 @@ class DecoderPullbackMetric(RiemannianMetric):
 
     # ------------------------------------------------------------------ inputs
     @property
+    def _log_solver_replaced(self) -> bool:
+        """Whether ``log_solver`` holds another solver than this metric's own: then distances
+        are the norms of its logs, not the lengths of this library's discrete geodesics."""
+        return type(self.log_solver) is not ShootingLogSolver
+
+    @property
     def decoder(self) -> Decoder:
         """The decoder whose pull-back this metric is."""
         return self._space.decoder
@@ -785,6 +791,9 @@ class DecoderPullbackMetric(RiemannianMetric):
         and ``u`` the geodesic's velocity on arrival at ``b``,
         ``d/da = -2 G(a) v`` and ``d/db = 2 G(b) u``.
 
+        With a solver of your own in ``log_solver`` (geomstats' slot), the
+        squared norm of its log (geomstats' definition), and its gradients.
+
         Parameters
         ----------
         point_a, point_b : array-like, shape=[..., d]
@@ -795,6 +804,9 @@ class DecoderPullbackMetric(RiemannianMetric):
         """
         # validated here, so that errors name this method's own arguments
         self._prepare("point_a", True, point_a=point_a, point_b=point_b)
+        if self._log_solver_replaced:
+            # A solver of the user's in geomstats' slot: the norm of its log, as geomstats defines it.
+            return super().squared_dist(point_a, point_b)
         a, b = _as_tensor(point_a), _as_tensor(point_b)
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             return _SquaredDistance.apply(a, b, self)

@@ -43,7 +43,9 @@ def pairwise_dists(space, points_a, points_b=None, *, chunk_size: int | None = N
     ----------
     space : PullbackManifold
         The latent space. Any other equipped geomstats space works too: its
-        ``metric.dist`` is then called once, on all pairs at once.
+        ``metric.dist`` is then called once, on all pairs at once; so is a
+        PullbackManifold's whose metric has a log solver of the user's in
+        ``log_solver`` (geomstats' slot).
     points_a : array-like, shape=[n_a, d]
     points_b : array-like, shape=[n_b, d], optional
         Default: ``points_a`` (a symmetric matrix).
@@ -99,7 +101,7 @@ def pairwise_dists(space, points_a, points_b=None, *, chunk_size: int | None = N
 
     if len(rows):
         base, end = a[rows], b[cols]
-        if isinstance(metric, DecoderPullbackMetric):
+        if isinstance(metric, DecoderPullbackMetric) and not metric._log_solver_replaced:
             # The same report, and on_failure policy, as metric.dist: values are kept.
             result = metric._reported_log(
                 end, base, "pairwise_dists", chunk_size=chunk_size, progress=progress, lengths_only=True

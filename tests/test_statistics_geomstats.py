@@ -144,6 +144,38 @@ def test_pairwise_dists_on_another_geomstats_space_uses_its_dist():
     torch.testing.assert_close(pairwise_dists(spd, m), expected, rtol=1e-10, atol=1e-10)
 
 
+def test_distances_follow_a_log_solver_of_the_users():
+    """A solver put in geomstats' ``log_solver`` slot answers every distance: ``dist``,
+    ``squared_dist`` (with its gradients), ``dist_pairwise`` and ``pairwise_dists`` are the
+    norms of its logs, not this library's discrete-geodesic lengths."""
+    from geomstats.numerics.geodesic import LogSolver
+
+    from decoders_zoo import inverse_stereographic
+
+    class StraightLine(LogSolver):  # a deliberately poor log: the chord, in latent coordinates
+        def log(self, point, base_point):
+            return point - base_point
+
+    space = PullbackManifold(inverse_stereographic, dim=2)
+    metric = space.metric
+    z = torch.tensor([[0.0, 0.0], [0.9, 0.1], [-0.4, 0.8]], dtype=F64)
+    own = metric.dist(z[0], z[1])
+    metric.log_solver = StraightLine()
+    chord = lambda a, b: metric.norm(b - a, a)  # noqa: E731
+    assert not torch.allclose(own, chord(z[0], z[1]), rtol=1e-3)  # the test can tell them apart
+    torch.testing.assert_close(metric.dist(z[0], z[1]), chord(z[0], z[1]), rtol=1e-14, atol=0)
+    expected = torch.zeros(3, 3, dtype=F64)
+    for i, j in itertools.combinations(range(3), 2):
+        expected[i, j] = expected[j, i] = chord(z[i], z[j])
+    torch.testing.assert_close(pairwise_dists(space, z), expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(metric.dist_pairwise(z), expected, rtol=1e-14, atol=0)
+    a = z[1].clone().requires_grad_(True)
+    metric.squared_dist(a, z[2]).backward()
+    b = z[1].clone().requires_grad_(True)
+    chord(b, z[2]).pow(2).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=0)
+
+
 def test_pairwise_dists_rejects_malformed_points():
     space = PullbackManifold(cliff, dim=2)
     with pytest.raises(ValueError, match=r"points_a has shape \(2,\): expected \(n, 2\)"):
