@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -199,7 +200,8 @@ def _log_chunk(
         if polish and len(certified):
             rows = todo[certified]
             velocity = guess.tangent_vec[certified]
-            end, ok = exp(embed, velocity, base_point[rows], shooting["options"], shooting["regularization"])
+            gate = _gate_options(shooting["options"], point.dtype)
+            end, ok = exp(embed, velocity, base_point[rows], gate, shooting["regularization"])
             miss = torch.linalg.vector_norm(end - point[rows], dim=-1) / (1 + point[rows].abs().amax(-1))
             to_polish[certified] = ok & (miss <= _POLISH_GATE)
         polish_rows = to_polish.nonzero().squeeze(-1)
@@ -236,6 +238,20 @@ _POLISH_ITERATIONS = 4
 # auto polishes a pair only if the geodesic from the discrete geodesic's velocity ends
 # within this relative distance of the point (Newton's quadratic range).
 _POLISH_GATE = 1e-3
+# ODE rtol of that test at most (atol in proportion). The test only decides which pairs
+# shooting tries; their residuals are measured again at full accuracy. Measured on 99
+# certified digits-VAE pairs: 3.5 s against 19.8 s at the default 1e-7, the misses
+# 1e-4 apart (relative, median), one pair of 99 on the other side of the gate.
+_GATE_RTOL = 1e-5
+
+
+def _gate_options(options: ODEOptions, dtype: torch.dtype) -> ODEOptions:
+    """``options`` with the tolerances of the polishing test (:data:`_GATE_RTOL`), where
+    they are tighter."""
+    rtol, atol = options.tolerances(dtype)
+    if rtol >= _GATE_RTOL:
+        return options
+    return replace(options, rtol=_GATE_RTOL, atol=atol * _GATE_RTOL / rtol)
 
 
 def log_map(

@@ -245,6 +245,32 @@ def test_distances_skip_the_shooting_polish():
     torch.testing.assert_close(pairwise[:3, 3:].diagonal(), dist[:3], rtol=1e-12, atol=0)
 
 
+def test_the_polishing_test_runs_at_its_own_ode_accuracy(monkeypatch):
+    """auto's test of which pairs to polish solves its ODE at rtol 1e-5 (or the user's, if
+    looser); the polish itself, and the converged logs, stay at full accuracy."""
+    import pullback_manifold.logarithm as logarithm
+    from pullback_manifold import ODEOptions
+
+    seen = []
+    exp = logarithm.exp
+
+    def spy(embed, velocity, base_point, options, regularization):
+        seen.append(options.tolerances(velocity.dtype))
+        return exp(embed, velocity, base_point, options, regularization)
+
+    monkeypatch.setattr(logarithm, "exp", spy)
+    space = PullbackManifold(inverse_stereographic, dim=2)
+    g = torch.Generator().manual_seed(5)
+    z0, z1 = sample_cap(4, 1.0, g), sample_cap(4, 1.0, g)
+    result = space.metric.solve_log(z1, z0, method="auto")
+    assert len(seen) == 1 and seen[0] == pytest.approx((1e-5, 1e-7), rel=1e-12)
+    assert result.converged.all() and not result.from_energy.any()  # all polished, at full accuracy
+    end = space.metric.exp(result.tangent_vec, z0)
+    assert ((end - z1).norm(dim=-1) <= 1e-7).all()
+    loose = ODEOptions(rtol=1e-4, atol=1e-6)
+    assert logarithm._gate_options(loose, F64) is loose
+
+
 def test_newton_stops_within_its_tolerance_of_the_minimizer():
     """The discrete-geodesic Newton iteration may stop without taking the step that would
     confirm convergence, when two Newton steps in a row contracted quadratically. The nodes
