@@ -44,6 +44,11 @@ def _eval_mode(module: nn.Module):
     runs inside this)."""
     with module_lock():
         flags = [(m, m.training) for m in module.modules()]
+        if not any(training for _, training in flags):
+            # Already in eval mode (a trained model, usually): nothing to set or restore. This
+            # runs at every decoder call of an ODE solve; eval() and the restore were most of it.
+            yield
+            return
         module.eval()
         try:
             yield

@@ -205,7 +205,12 @@ def _log_chunk(
             miss = torch.linalg.vector_norm(end - point[rows], dim=-1) / (1 + point[rows].abs().amax(-1))
             to_polish[certified] = ok & (miss <= _POLISH_GATE)
         polish_rows = to_polish.nonzero().squeeze(-1)
-        polish_options = dict(shooting, max_iter=min(shooting["max_iter"], _POLISH_ITERATIONS), reuse_jacobian=True)
+        polish_options = dict(
+            shooting,
+            max_iter=min(shooting["max_iter"], _POLISH_ITERATIONS),
+            max_halvings=_POLISH_HALVINGS,
+            reuse_jacobian=True,
+        )
     rows = todo[polish_rows]
     if result is None:
         result = LogResult(
@@ -235,6 +240,12 @@ def _log_chunk(
 # Newton steps of auto's shooting from a certified discrete geodesic: from there it
 # converges in 2-4 steps, or not at all (then the discrete geodesic is the answer).
 _POLISH_ITERATIONS = 4
+# Step halvings per polishing iteration: none. A full Newton step that fails from inside the
+# gate marks a pair that the polish does not rescue (damping the next step still can);
+# halved trials are full ODE solves. Measured on 80 digits-VAE pairs (29 polished): the
+# same tangent vectors, bit for bit, with 0, 1 or the default 4 halvings, and 16.7 s of
+# polish against 19.7 s and 30.7 s.
+_POLISH_HALVINGS = 0
 # auto polishes a pair only if the geodesic from the discrete geodesic's velocity ends
 # within this relative distance of the point (Newton's quadratic range).
 _POLISH_GATE = 1e-3

@@ -271,6 +271,27 @@ def test_the_polishing_test_runs_at_its_own_ode_accuracy(monkeypatch):
     assert logarithm._gate_options(loose, F64) is loose
 
 
+def test_the_polish_takes_full_newton_steps_only(monkeypatch):
+    """auto's polish starts inside Newton's range: a step that fails there is not halved
+    (each halving is a full ODE solve; on the digits VAE they never rescued a pair)."""
+    import pullback_manifold.logarithm as logarithm
+
+    options = []
+    shooting_log = logarithm.shooting_log
+
+    def spy(*args, **kwargs):
+        options.append(kwargs)
+        return shooting_log(*args, **kwargs)
+
+    monkeypatch.setattr(logarithm, "shooting_log", spy)
+    space = PullbackManifold(inverse_stereographic, dim=2)
+    g = torch.Generator().manual_seed(6)
+    z0, z1 = sample_cap(3, 1.0, g), sample_cap(3, 1.0, g)
+    assert space.metric.solve_log(z1, z0, method="auto").converged.all()
+    assert len(options) == 1
+    assert options[0]["max_halvings"] == 0 and options[0]["max_iter"] <= 4 and options[0]["reuse_jacobian"]
+
+
 def test_newton_stops_within_its_tolerance_of_the_minimizer():
     """The discrete-geodesic Newton iteration may stop without taking the step that would
     confirm convergence, when two Newton steps in a row contracted quadratically. The nodes
