@@ -240,12 +240,14 @@ def _log_chunk(
 # Newton steps of auto's shooting from a certified discrete geodesic: from there it
 # converges in 2-4 steps, or not at all (then the discrete geodesic is the answer).
 _POLISH_ITERATIONS = 4
-# Step halvings per polishing iteration: none. A full Newton step that fails from inside the
-# gate marks a pair that the polish does not rescue (damping the next step still can);
-# halved trials are full ODE solves. Measured on 80 digits-VAE pairs (29 polished): the
-# same tangent vectors, bit for bit, with 0, 1 or the default 4 halvings, and 16.7 s of
-# polish against 19.7 s and 30.7 s.
-_POLISH_HALVINGS = 0
+# Step halvings per polishing iteration (shooting's default: 4). Each is a full ODE solve,
+# and from inside the gate a step that fails twice rarely succeeds halved further. Measured
+# on digits-VAE pairs, tangent vectors bit for bit the same as with 4 halvings: 80
+# throughput pairs (29 polished), polish 30.7 s with 4, 19.7 s with 1, 16.7 s with none;
+# 80 benchmark pairs (41 polished), 42.4 s with 4, 34.1 s with 2, 27.5 s with none; the
+# main example's 69 pairs, 30.1 s with 4, 20.3 s with 2. But there, with 1 halving, one
+# pair fewer was polished, with none, three (they kept the certified discrete answer).
+_POLISH_HALVINGS = 2
 # auto polishes a pair only if the geodesic from the discrete geodesic's velocity ends
 # within this relative distance of the point (Newton's quadratic range).
 _POLISH_GATE = 1e-3
