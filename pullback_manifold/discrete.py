@@ -963,6 +963,11 @@ def energy_log(
         rtol = (1e-5 if point.dtype == torch.float64 else 1e-4) if smooth else 1e-3
     if max_refinements is None:
         max_refinements = n_refinements + 3 if smooth else n_refinements
+    if max_refinements < n_refinements:
+        raise ValueError(
+            f"max_refinements ({max_refinements}) must be >= n_refinements ({n_refinements}): it counts all the "
+            "doublings, those made for every pair included"
+        )
     initial_curve, n_segments = _checked_start(point, base_point, n_segments, initial_curve, 2)
     cross_check = smooth and not isinstance(embed, MetricDecoder)
     n = len(point)

@@ -259,7 +259,8 @@ class DecoderPullbackMetric(RiemannianMetric):
     def _log_solver_replaced(self) -> bool:
         """Whether ``log_solver`` holds another solver than this metric's own: then distances
         are the norms of its logs, not the lengths of this library's discrete geodesics."""
-        return type(self.log_solver) is not ShootingLogSolver
+        solver = self.log_solver
+        return type(solver) is not ShootingLogSolver or solver.metric is not self
 
     @property
     def decoder(self) -> Decoder:
@@ -867,7 +868,9 @@ class DecoderPullbackMetric(RiemannianMetric):
         (``RiemannianKMedoids``) are batched. Same result as
         :func:`pullback_manifold.statistics.pairwise_dists`: only the pairs
         ``i < j`` are solved, the diagonal is exactly zero, and non-converged
-        pairs follow the space's ``on_failure`` policy, as in ``dist``.
+        pairs follow the space's ``on_failure`` policy, as in ``dist``. With a
+        solver of your own in ``log_solver``, the norms of its logs, all pairs
+        in one call of ``dist`` (its own failure handling).
 
         Parameters
         ----------

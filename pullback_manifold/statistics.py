@@ -45,7 +45,8 @@ def pairwise_dists(space, points_a, points_b=None, *, chunk_size: int | None = N
         The latent space. Any other equipped geomstats space works too: its
         ``metric.dist`` is then called once, on all pairs at once; so is a
         PullbackManifold's whose metric has a log solver of the user's in
-        ``log_solver`` (geomstats' slot).
+        ``log_solver`` (geomstats' slot). Then failures are that solver's to
+        handle, and ``chunk_size`` and ``progress`` have no effect.
     points_a : array-like, shape=[n_a, d]
     points_b : array-like, shape=[n_b, d], optional
         Default: ``points_a`` (a symmetric matrix).

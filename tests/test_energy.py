@@ -272,8 +272,9 @@ def test_the_polishing_test_runs_at_its_own_ode_accuracy(monkeypatch):
 
 
 def test_the_polish_halves_a_failed_step_at_most_twice(monkeypatch):
-    """auto's polish starts inside Newton's range: a step that fails there is halved twice
-    at most (each halving is a full ODE solve), not shooting's default four times."""
+    """auto polishes the pairs that passed its gate from inside Newton's range: a step that
+    fails there is halved twice at most (each halving is a full ODE solve), not shooting's
+    default four times."""
     import pullback_manifold.logarithm as logarithm
 
     options = []
@@ -290,6 +291,12 @@ def test_the_polish_halves_a_failed_step_at_most_twice(monkeypatch):
     assert space.metric.solve_log(z1, z0, method="auto").converged.all()
     assert len(options) == 1
     assert options[0]["max_halvings"] == 2 and options[0]["max_iter"] <= 4 and options[0]["reuse_jacobian"]
+    # Pairs the discrete geodesic could not certify (an unreachable energy_rtol) are not known
+    # to be inside Newton's range: shooting's own halvings.
+    options.clear()
+    strict = PullbackManifold(inverse_stereographic, dim=2, energy_rtol=1e-15)
+    assert strict.metric.solve_log(z1, z0, method="auto").converged.all()
+    assert len(options) == 1 and "max_halvings" not in options[0], options
 
 
 def test_newton_stops_within_its_tolerance_of_the_minimizer():
@@ -544,6 +551,15 @@ def test_empty_batches():
     result, curve, length = energy_log(inverse_stereographic, z, z, n_segments=8, n_refinements=2)
     assert result.tangent_vec.shape == (0, 2) and result.converged.shape == (0,) and result.residual.shape == (0,)
     assert curve.shape == (0, 33, 2) and length.shape == (0,)
+
+
+def test_fewer_refinements_in_all_than_for_every_pair_are_refused():
+    from pullback_manifold.discrete import energy_log
+
+    g = torch.Generator().manual_seed(12)
+    z0, z1 = sample_cap(2, 1.0, g), sample_cap(2, 1.0, g)
+    with pytest.raises(ValueError, match=r"max_refinements \(1\) must be >= n_refinements \(2\)"):
+        energy_log(inverse_stereographic, z1, z0, n_refinements=2, max_refinements=1)
 
 
 def test_equal_end_points_are_not_refined():
