@@ -247,7 +247,7 @@ _POLISH_ITERATIONS = 4
 # further. Measured on digits-VAE pairs: 80 throughput pairs (29 polished), polish 30.7 s
 # with 4 halvings, 19.7 s with 1, 16.7 s with none, the same tangent vectors bit for bit;
 # 80 benchmark pairs (41 polished), 42.4 s with 4, 34.1 s with 2, 27.5 s with none, the same
-# bit for bit; the main example's 69 pairs, 30.1 s with 4 and 20.3 s with 2, the same
+# bit for bit; the main example's 69 pairs, their whole solve 30.1 s with 4 and 20.3 s with 2, the same
 # answers, but with 1 halving one pair fewer was polished, with none three (they kept the
 # certified discrete answer).
 _POLISH_HALVINGS = 2
