@@ -248,8 +248,7 @@ def test_distances_skip_the_shooting_polish():
 def test_the_polishing_test_runs_at_its_own_ode_accuracy(monkeypatch):
     """auto's test of which pairs to polish solves its ODE at rtol 1e-5 (or the user's, if
     looser); the polish itself, and the converged logs, stay at full accuracy."""
-    import pullback_manifold.logarithm as logarithm
-    from pullback_manifold import ODEOptions
+    from pullback_manifold import ODEOptions, logarithm
 
     seen = []
     exp = logarithm.exp
@@ -275,7 +274,7 @@ def test_the_polish_halves_a_failed_step_at_most_twice(monkeypatch):
     """auto polishes the pairs that passed its gate from inside Newton's range: a step that
     fails there is halved twice at most (each halving is a full ODE solve), not shooting's
     default four times."""
-    import pullback_manifold.logarithm as logarithm
+    from pullback_manifold import logarithm
 
     options = []
     shooting_log = logarithm.shooting_log
@@ -522,8 +521,8 @@ def test_a_log_computes_only_the_spline_lengths_it_reads(monkeypatch):
 
     monkeypatch.setattr(discrete, "_spline_length", counted)
     # A tight tolerance: pairs stop at different levels, some past the mandatory ones.
-    options = dict(rtol=1e-12, n_refinements=2, max_refinements=5, global_start=False)
-    result, curve, length = discrete.energy_log(inverse_stereographic, z1, z0, **options)
+    options = {"rtol": 1e-12, "n_refinements": 2, "max_refinements": 5, "global_start": False}
+    result, _, length = discrete.energy_log(inverse_stereographic, z1, z0, **options)
     lean = sum(rows)
     assert len(set(result.n_iterations.tolist())) > 1, result.n_iterations
 
@@ -533,7 +532,7 @@ def test_a_log_computes_only_the_spline_lengths_it_reads(monkeypatch):
     spline_where_needed = discrete._spline_where_needed
     monkeypatch.setattr(discrete, "_spline_where_needed", everywhere)
     rows.clear()
-    full, full_curve, full_length = discrete.energy_log(inverse_stereographic, z1, z0, **options)
+    full, _, full_length = discrete.energy_log(inverse_stereographic, z1, z0, **options)
     assert lean < sum(rows)
     assert torch.equal(result.n_iterations, full.n_iterations)
     assert torch.equal(result.converged, full.converged)

@@ -148,9 +148,8 @@ def test_distances_follow_a_log_solver_of_the_users():
     """A solver put in geomstats' ``log_solver`` slot answers every distance: ``dist``,
     ``squared_dist`` (with its gradients), ``dist_pairwise`` and ``pairwise_dists`` are the
     norms of its logs, not this library's discrete-geodesic lengths."""
-    from geomstats.numerics.geodesic import LogSolver
-
     from decoders_zoo import inverse_stereographic
+    from geomstats.numerics.geodesic import LogSolver
 
     class StraightLine(LogSolver):  # a deliberately poor log: the chord, in latent coordinates
         def log(self, point, base_point):
@@ -161,7 +160,10 @@ def test_distances_follow_a_log_solver_of_the_users():
     z = torch.tensor([[0.0, 0.0], [0.9, 0.1], [-0.4, 0.8]], dtype=F64)
     own = metric.dist(z[0], z[1])
     metric.log_solver = StraightLine()
-    chord = lambda a, b: metric.norm(b - a, a)  # noqa: E731
+
+    def chord(a, b):
+        return metric.norm(b - a, a)
+
     assert not torch.allclose(own, chord(z[0], z[1]), rtol=1e-3)  # the test can tell them apart
     torch.testing.assert_close(metric.dist(z[0], z[1]), chord(z[0], z[1]), rtol=1e-14, atol=0)
     expected = torch.zeros(3, 3, dtype=F64)
