@@ -833,8 +833,8 @@ def _certify(
 def _spline_where_needed(
     embed, lengths: list[Tensor], curve: Tensor, ok: Tensor, rtol: float, smooth: bool, final: bool
 ) -> Tensor:
-    """Fill in the finest level's spline lengths (``lengths[-1][:, 1]``, in place) that a log's
-    certificate can pass with: where the optimizer converged and the chord term is within
+    """Fill in the finest level's spline lengths (``lengths[-1][:, 1]``, in place; a log's rule
+    reads no other level's) that its certificate can pass with: where the optimizer converged and the chord term is within
     ``rtol`` (elsewhere the pair is refined again whatever its spline), or everywhere on the
     ``final`` level. Returns the rows left ``pending`` (for :func:`_certify`).
 
@@ -1078,7 +1078,6 @@ def energy_log(
         if log_rule:
             final = extra == max_refinements - n_refinements - 1
             pending = _spline_where_needed(embed, window, finer, ok[todo], rtol, smooth, final)
-            lengths[-1][todo] = window[-1]
         length[todo], error[todo] = _certify(window, smooth, lengths_only, pending)
         n_levels[todo] += 1
         curve = _refine(curve)
