@@ -19,8 +19,11 @@ dropout and the common activations -- propagate the jet with a few batched
 tensor operations: about ``k + 2`` times the cost of a forward pass. A module
 can give its own rule as a method ``jet_rule(jet, state) -> Jet`` (``state``:
 its parameters and buffers by name, cast to the points' dtype). Any other
-module or callable is differentiated by ``torch.func`` (a vmapped nested JVP),
-which gives the same numbers an order of magnitude more slowly: under nested
+module -- a decoder written as a class -- has its ``forward`` traced by
+``torch.fx`` and the jet pushed through the recorded operations with these
+rules (:mod:`~pullback_manifold.traced`). A plain callable, and a module whose
+``forward`` cannot be traced, is differentiated by ``torch.func`` (a vmapped
+nested JVP), which gives the same numbers several times more slowly: under nested
 forward-mode AD, torch runs many operators through Python decompositions (measured:
 2 ms for one forward-mode derivative of a five-operation function that runs in 0.04 ms,
 9 ms nested). So is a module with forward hooks or pre-hooks, with all its submodules
@@ -341,6 +344,19 @@ def has_hooks(module: nn.Module) -> bool:
     )
 
 
+def has_rule(module: nn.Module) -> bool:
+    """Whether :func:`module_jet` propagates through ``module`` by a rule of its own (or its
+    hooks), without tracing its ``forward``."""
+    kind = type(module)
+    return (
+        kind is nn.Sequential
+        or kind in _ELEMENTWISE
+        or kind in _WITH_PARAMETERS
+        or callable(getattr(module, "jet_rule", None))
+        or has_hooks(module)
+    )
+
+
 def module_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet, prefix: str = "") -> Jet:
     """Propagate ``jet`` through ``module`` evaluated with the tensors ``state``.
 
@@ -378,6 +394,12 @@ def module_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet, prefix: st
         return rule(jet, local)
     if kind in _WITH_PARAMETERS:
         out = _WITH_PARAMETERS[kind](module, jet, local)
+        if out is not None:
+            return out
+    else:
+        from .traced import traced_jet  # it builds on this module's rules
+
+        out = traced_jet(module, local, jet)
         if out is not None:
             return out
     return generic(lambda x: functional_call(module, local, (x,)), jet)

@@ -1,0 +1,532 @@
+r"""Taylor-mode jets through a custom module's own ``forward``, traced once by ``torch.fx``.
+
+A decoder written as a class -- ``forward`` calling ``self.net(z)``, a few layers
+and activations, reshapes, concatenations, residual sums -- has no closed-form
+rule of its own. Rather than differentiating all of it by ``torch.func``'s
+nested forward mode (many times slower: see :mod:`~pullback_manifold.jets`),
+its ``forward`` is traced symbolically once, and the jet is pushed through the
+recorded operations: submodules by their own rules (:func:`~pullback_manifold.jets.module_jet`),
+elementwise functions and arithmetic by the chain and product rules, and
+operations linear in the jet (reshapes, indexing, sums, ``cat``) applied to the
+value and each derivative stream alike. An operation of one jet without a rule
+here is differentiated alone by ``torch.func``.
+
+The module falls back to ``torch.func`` as a whole (the same numbers, slower)
+when its ``forward`` cannot be traced (control flow on tensor values), takes more
+than one input, or runs an operation of several jets without a rule here or an
+in-place one. The trace is kept per module and made again when the plain
+attributes (numbers, strings, flags) of the module or of any submodule change:
+``forward`` may branch on them.
+"""
+
+from __future__ import annotations
+
+import operator
+import types
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.func import functional_call, vmap
+
+from . import jets
+from .jets import Jet
+
+__all__ = ["traced_jet"]
+
+
+class _Unsupported(Exception):
+    """An operation of the traced graph that this interpreter has no rule for."""
+
+
+class _Tracer(fx.Tracer):
+    """Traces into custom submodules; stops at those :func:`~pullback_manifold.jets.module_jet`
+    has a rule for, and at torch's own modules."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return jets.has_rule(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def _fingerprint(module: nn.Module) -> tuple:
+    """What a trace depends on besides the code: every submodule's type and plain attributes."""
+    return tuple(
+        (name, type(m), tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, _SIMPLE))))
+        for name, m in module.named_modules(remove_duplicate=False)
+    )
+
+
+# module -> [fingerprint, graph module (None where it cannot be traced or interpreted),
+# whether the graph's values were checked against the module's own]
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+
+
+def _graph(module: nn.Module) -> fx.GraphModule | None:
+    fingerprint = _fingerprint(module)
+    cached = _GRAPHS.get(module)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    graph = None
+    # A forward assigned on the instance is not what fx traces (it traces the class's).
+    if "forward" not in vars(module):
+        try:
+            traced = _Tracer().trace(module)
+            inputs = [node for node in traced.nodes if node.op == "placeholder"]
+            if len(inputs) == 1:
+                # The graph module holds the tensors that tracing made (constants in forward).
+                graph = fx.GraphModule(module, traced)
+        except Exception:  # noqa: BLE001 -- any failure to trace means the torch.func path
+            graph = None
+    _GRAPHS[module] = [fingerprint, graph, False]
+    return graph
+
+
+def _forget(module: nn.Module) -> None:
+    _GRAPHS[module] = [_fingerprint(module), None, True]
+
+
+def _same_values(module: nn.Module, state: dict[str, Tensor], jet: Jet, out: Jet) -> bool:
+    """The traced value equals the module's own output. Tracing turns ``h += 1`` into
+    ``h = h + 1``: where another name still refers to the old ``h``, the graph computes
+    something else than the module (fx does not follow in-place aliasing)."""
+    expected = functional_call(module, state, (jet.value,))
+    if not isinstance(expected, Tensor) or expected.shape != out.value.shape:
+        return False
+    scale = expected.abs().max() if expected.numel() else 0
+    tolerance = 1e3 * torch.finfo(expected.dtype).eps * (1 + scale)
+    return bool(((expected - out.value).abs() <= tolerance).all())
+
+
+def traced_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet) -> Jet | None:
+    """The jet of ``module`` evaluated with ``state`` (its parameters and buffers by
+    name) at ``jet``, through its traced ``forward``; None where it cannot be traced
+    or interpreted (then ``torch.func`` differentiates it)."""
+    graph = _graph(module)
+    if graph is None:
+        return None
+    env: dict[fx.Node, object] = {}
+
+    def load(arg):
+        return fx.node.map_arg(arg, lambda node: env[node])
+
+    try:
+        for node in graph.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = jet
+            elif node.op == "get_attr":
+                env[node] = state[node.target] if node.target in state else _attribute(module, graph, node.target)
+            elif node.op == "call_module":
+                env[node] = _call_module(module, state, node.target, load(node.args), load(node.kwargs))
+            elif node.op in ("call_function", "call_method"):
+                env[node] = _call(node.op, node.target, load(node.args), load(node.kwargs))
+            elif node.op == "output":
+                out = load(node.args[0])
+                if not isinstance(out, Jet):
+                    raise _Unsupported("output is not a single tensor")
+                entry = _GRAPHS[module]
+                if not entry[2]:
+                    if not _same_values(module, state, jet, out):
+                        raise _Unsupported("the traced graph computes other values than the module")
+                    entry[2] = True
+                return out
+    except Exception:  # noqa: BLE001 -- _Unsupported, or anything this interpreter got wrong:
+        # the torch.func path gives the right numbers (or the user's own error) from here on.
+        _forget(module)
+        return None
+    return None
+
+
+def _attribute(module: nn.Module, graph: fx.GraphModule, target: str):
+    for owner in (module, graph):  # the module's current attribute, else a tracing constant
+        try:
+            return operator.attrgetter(target)(owner)
+        except AttributeError:
+            continue
+    raise _Unsupported(f"attribute {target}")
+
+
+def _call_module(module: nn.Module, state: dict[str, Tensor], target: str, args, kwargs):
+    child = module.get_submodule(target)
+    if len(args) == 1 and not kwargs and isinstance(args[0], Jet):
+        return jets.module_jet(child, state, args[0], f"{target}.")
+    if _has_jet((args, kwargs)):
+        raise _Unsupported(f"module {target} called with several inputs")
+    prefix = f"{target}."
+    local = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return functional_call(child, local, tuple(args), dict(kwargs))
+
+
+def _has_jet(tree) -> bool:
+    if isinstance(tree, Jet):
+        return True
+    if isinstance(tree, (list, tuple)):
+        return any(_has_jet(x) for x in tree)
+    if isinstance(tree, dict):
+        return any(_has_jet(x) for x in tree.values())
+    return False
+
+
+def _call(op: str, target, args, kwargs):
+    if not _has_jet((args, kwargs)):  # constants: computed as they are
+        return target(*args, **kwargs) if op == "call_function" else getattr(args[0], target)(*args[1:], **kwargs)
+    if kwargs.get("inplace") or (op == "call_method" and target.endswith("_")) or target in _IN_PLACE:
+        raise _Unsupported(f"in-place {target}")  # aliasing that the jets would not follow
+    if target is operator.getitem and isinstance(args[0], (tuple, list)):
+        return args[0][args[1]]  # one output of chunk / split
+    out = _by_rule(op, target, args, kwargs)
+    if out is not None:
+        return out
+    # One jet among the arguments, no rule: torch.func differentiates this operation alone.
+    positions = [i for i, a in enumerate(args) if isinstance(a, Jet)]
+    if len(positions) == 1 and not _has_jet((args[: positions[0]], args[positions[0] + 1 :], kwargs)):
+        index = positions[0]
+
+        def fn(x):
+            call = list(args)
+            call[index] = x
+            return target(*call, **kwargs) if op == "call_function" else getattr(call[0], target)(*call[1:], **kwargs)
+
+        return jets.generic(fn, args[index])
+    raise _Unsupported(f"{target} of several jets")
+
+
+def _by_rule(op: str, target, args, kwargs):
+    """The result of a rule of this module, or None if none applies."""
+    rule = _METHODS.get(target) if op == "call_method" else _FUNCTIONS.get(target)
+    if rule is not None:
+        try:
+            return rule(*args, **kwargs)
+        except _Unsupported:
+            return None
+    first, rest = args[0] if args else None, (args[1:], kwargs)
+    if not isinstance(first, Jet):
+        return None
+    if op == "call_function" and target is getattr:
+        return getattr(first.value, args[1]) if args[1] in ("shape", "dtype", "device", "ndim") else None
+    if op == "call_method" and target in ("size", "dim", "ndimension", "numel", "nelement"):
+        return getattr(first.value, target)(*args[1:], **kwargs)
+    if op == "call_method" and target in ("expand_as", "view_as", "reshape_as") and len(args) == 2 and not kwargs:
+        other = args[1].value if isinstance(args[1], Jet) else args[1]  # only its shape is read
+        return _linear_op(lambda x: getattr(x, target)(other), first)
+    if _has_jet(rest):
+        return None
+    if op == "call_method" and target in _LINEAR_METHODS:
+        return _linear_op(lambda x: getattr(x, target)(*args[1:], **kwargs), first)
+    if op == "call_function" and target in _LINEAR_FUNCTIONS:
+        return _linear_op(lambda x: target(x, *args[1:], **kwargs), first)
+    return None
+
+
+# ------------------------------------------------------------------ linear operations
+def _linear_op(fn: Callable[[Tensor], Tensor], jet: Jet) -> Jet:
+    """``fn`` linear (a reshape, an index, a sum): applied to the value and to each stream,
+    streams being batches of values (``torch.func.vmap`` over their leading axis)."""
+    value, first = fn(jet.value), vmap(fn)(jet.first)
+    second = jet.second
+    if second is not None:
+        second = vmap(fn)(second) if jet.many_pairs else fn(second)
+    if isinstance(value, Tensor):
+        return jet.replace(value, first, second)
+    # Several outputs (split, chunk, unbind): one jet each.
+    seconds = [None] * len(value) if second is None else second
+    return tuple(jet.replace(v, f, s) for v, f, s in zip(value, first, seconds, strict=True))
+
+
+def _joined(join: Callable, tensors, *args, **kwargs) -> Jet:
+    """``torch.cat`` / ``torch.stack`` of jets (and constants, which have no derivatives)."""
+    parts = list(tensors)
+    model = next(p for p in parts if isinstance(p, Jet))
+    if any(
+        isinstance(p, Jet) and (p.first.shape[0] != model.first.shape[0] or p.pair is not model.pair) for p in parts
+    ):
+        raise _Unsupported("jets of different directions")
+    jets_ = [p if isinstance(p, Jet) else _constant_jet(p, model) for p in parts]
+    value = join([j.value for j in jets_], *args, **kwargs)
+    first = vmap(lambda xs: join(xs, *args, **kwargs))([j.first for j in jets_])
+    second = None
+    if model.second is not None:
+        seconds = [j.second for j in jets_]
+        if model.many_pairs:
+            second = vmap(lambda xs: join(xs, *args, **kwargs))(seconds)
+        else:
+            second = join(seconds, *args, **kwargs)
+    return model.replace(value, first, second)
+
+
+def _constant_jet(value: Tensor, like: Jet) -> Jet:
+    value = torch.as_tensor(value, dtype=like.value.dtype, device=like.value.device)
+    first = value.new_zeros(like.first.shape[0], *value.shape)
+    second = None
+    if like.second is not None:
+        second = value.new_zeros(*like.second.shape[:1], *value.shape) if like.many_pairs else torch.zeros_like(value)
+    return like.replace(value, first, second)
+
+
+# ------------------------------------------------------------------ arithmetic
+def _broadcast_streams(jet: Jet, value: Tensor) -> Jet:
+    """The jet's streams broadcast to a new value's shape (a constant widened it)."""
+    first = jet.first.broadcast_to(jet.first.shape[0], *value.shape)
+    second = jet.second
+    if second is not None:
+        lead = second.shape[:1] if jet.many_pairs else ()
+        second = second.broadcast_to(*lead, *value.shape)
+    return jet.replace(value, first, second)
+
+
+def _check_rank(jet: Jet, other) -> None:
+    # A constant with more axes than the value would align with the streams' leading axis.
+    if isinstance(other, Tensor) and other.dim() > jet.value.dim():
+        raise _Unsupported("a constant of higher rank")
+    if isinstance(other, Jet) and other.value.dim() != jet.value.dim():
+        raise _Unsupported("jets of different ranks")
+
+
+def _add(x, y, *, alpha=1):
+    if not isinstance(x, Jet):
+        x, y = y, x
+        if alpha != 1:
+            return _add(_scale(x, alpha), y)
+    elif alpha != 1:
+        y = _scale(y, alpha) if isinstance(y, Jet) else alpha * y
+    _check_rank(x, y)
+    if not isinstance(y, Jet):
+        return _broadcast_streams(x, x.value + y)
+    value = x.value + y.value
+    second = None if x.second is None else x.second + y.second
+    return _broadcast_streams(x.replace(value, x.first + y.first, second), value)
+
+
+def _scale(x: Jet, c) -> Jet:
+    _check_rank(x, c)
+    second = None if x.second is None else x.second * c
+    return _broadcast_streams(x.replace(x.value * c, x.first * c, second), x.value * c)
+
+
+def _neg(x: Jet) -> Jet:
+    return _scale(x, -1)
+
+
+def _sub(x, y, *, alpha=1):
+    if isinstance(y, Jet):
+        return _add(x, _neg(y), alpha=alpha)
+    return _add(x, -alpha * y)
+
+
+def _mul(x, y):
+    if not isinstance(x, Jet):
+        x, y = y, x
+    if not isinstance(y, Jet):
+        return _scale(x, y)
+    _check_rank(x, y)
+    value = x.value * y.value
+    first = x.first * y.value + x.value * y.first
+    second = None
+    if x.second is not None:
+        a, b = x.pair
+        second = x.second * y.value + x.value * y.second + x.first[a] * y.first[b] + x.first[b] * y.first[a]
+    return _broadcast_streams(x.replace(value, first, second), value)
+
+
+def _reciprocal(x: Jet) -> Jet:
+    r = torch.reciprocal(x.value)
+    return jets._elementwise(x, r, -r * r, 2 * r * r * r)
+
+
+def _div(x, y, *, rounding_mode=None):
+    if rounding_mode is not None:
+        raise _Unsupported("rounded division")
+    if isinstance(y, Jet):
+        return _mul(x, _reciprocal(y))
+    return _scale(x, 1 / y if isinstance(y, (int, float)) else torch.reciprocal(y))
+
+
+def _pow(x, exponent):
+    if not isinstance(x, Jet) or not isinstance(exponent, (int, float)):
+        raise _Unsupported("pow of a jet exponent")
+    if exponent == 2:
+        return _mul(x, x)
+    p, v = exponent, x.value
+    return jets._elementwise(x, v.pow(p), p * v.pow(p - 1), p * (p - 1) * v.pow(p - 2))
+
+
+def _matmul(x, y):
+    if not isinstance(x, Jet) or isinstance(y, Jet) or y.dim() < 2:
+        raise _Unsupported("matmul other than jet @ matrix")
+    return _linear_op(lambda t: t @ y, x)
+
+
+def _linear(x, weight, bias=None):
+    if not isinstance(x, Jet) or isinstance(weight, Jet) or isinstance(bias, Jet):
+        raise _Unsupported("linear with a jet weight")
+    first = F.linear(x.first, weight)
+    second = None if x.second is None else F.linear(x.second, weight)
+    return x.replace(F.linear(x.value, weight, bias), first, second)
+
+
+def _dropout(x, p=0.5, training=True, inplace=False):
+    if training:
+        raise _Unsupported("dropout in training mode")
+    return x
+
+
+# ------------------------------------------------------------------ elementwise functions
+def _unary(rule: Callable, **defaults):
+    """An elementwise rule of :mod:`~pullback_manifold.jets` (which reads its parameters from a
+    module) for the functional form ``f(x, *params)``."""
+    names = list(defaults)
+
+    def apply(x, *args, **kwargs):
+        kwargs.pop("inplace", None)
+        params = dict(defaults)
+        params.update(zip(names, args))
+        params.update(kwargs)
+        if set(params) != set(defaults):
+            raise _Unsupported(f"arguments {sorted(set(params) - set(defaults))}")
+        return rule(types.SimpleNamespace(**params), x)
+
+    return apply
+
+
+def _derivatives(s0: Callable, s1: Callable, s2: Callable) -> Callable:
+    def rule(_, jet: Jet) -> Jet:
+        v = jet.value
+        return jets._elementwise(jet, s0(v), s1(v), s2(v))
+
+    return rule
+
+
+_exp = _derivatives(torch.exp, torch.exp, torch.exp)
+_log = _derivatives(torch.log, torch.reciprocal, lambda v: -torch.reciprocal(v * v))
+_sin = _derivatives(torch.sin, torch.cos, lambda v: -torch.sin(v))
+_cos = _derivatives(torch.cos, lambda v: -torch.sin(v), lambda v: -torch.cos(v))
+_sqrt = _derivatives(torch.sqrt, lambda v: 0.5 * torch.rsqrt(v), lambda v: -0.25 * torch.rsqrt(v) / v)
+_rsqrt = _derivatives(torch.rsqrt, lambda v: -0.5 * torch.rsqrt(v) / v, lambda v: 0.75 * torch.rsqrt(v) / (v * v))
+_square = _derivatives(torch.square, lambda v: 2 * v, lambda v: torch.full_like(v, 2.0))
+
+_TANH = _unary(jets._tanh)
+_SIGMOID = _unary(jets._sigmoid)
+_RELU = _unary(jets._relu)
+_SILU = _unary(jets._silu)
+_SOFTPLUS = _unary(jets._softplus, beta=1.0, threshold=20.0)
+_LEAKY_RELU = _unary(jets._leaky_relu, negative_slope=0.01)
+_ELU = _unary(jets._elu, alpha=1.0)
+_GELU = _unary(jets._gelu, approximate="none")
+_ELEMENTARY = {
+    name: _unary(rule)
+    for name, rule in [
+        ("exp", _exp),
+        ("log", _log),
+        ("sin", _sin),
+        ("cos", _cos),
+        ("sqrt", _sqrt),
+        ("rsqrt", _rsqrt),
+        ("square", _square),
+    ]
+}
+
+
+def _gelu(x, approximate="none"):
+    if approximate != "none":
+        raise _Unsupported("tanh-approximate gelu")
+    return _GELU(x)
+
+
+_FUNCTIONS: dict[Callable, Callable] = {
+    torch.tanh: _TANH,
+    F.tanh: _TANH,
+    torch.sigmoid: _SIGMOID,
+    F.sigmoid: _SIGMOID,
+    torch.relu: _RELU,
+    F.relu: _RELU,
+    F.silu: _SILU,
+    F.softplus: _SOFTPLUS,
+    F.leaky_relu: _LEAKY_RELU,
+    F.elu: _ELU,
+    F.gelu: _gelu,
+    F.dropout: _dropout,
+    F.linear: _linear,
+    torch.reciprocal: _reciprocal,
+    operator.add: _add,
+    torch.add: _add,
+    operator.sub: _sub,
+    torch.sub: _sub,
+    operator.neg: _neg,
+    torch.neg: _neg,
+    operator.mul: _mul,
+    torch.mul: _mul,
+    operator.truediv: _div,
+    torch.div: _div,
+    operator.pow: _pow,
+    torch.pow: _pow,
+    operator.matmul: _matmul,
+    torch.matmul: _matmul,
+    torch.cat: lambda tensors, dim=0: _joined(torch.cat, tensors, dim=dim),
+    torch.concat: lambda tensors, dim=0: _joined(torch.cat, tensors, dim=dim),
+    torch.stack: lambda tensors, dim=0: _joined(torch.stack, tensors, dim=dim),
+    **{getattr(torch, name): rule for name, rule in _ELEMENTARY.items()},
+}
+
+_METHODS: dict[str, Callable] = {
+    "tanh": _TANH,
+    "sigmoid": _SIGMOID,
+    "relu": _RELU,
+    "reciprocal": _reciprocal,
+    "add": _add,
+    "sub": _sub,
+    "neg": _neg,
+    "mul": _mul,
+    "div": _div,
+    "pow": _pow,
+    "matmul": _matmul,
+    **_ELEMENTARY,
+}
+# Linear in their first argument, the others constants: applied to every stream.
+_LINEAR_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "unsqueeze",
+    "squeeze",
+    "permute",
+    "transpose",
+    "contiguous",
+    "expand",
+    "narrow",
+    "movedim",
+    "sum",
+    "mean",
+    "split",
+    "chunk",
+    "unbind",
+    "flip",
+    "roll",
+    "repeat",
+    "clone",
+    "t",
+}
+_LINEAR_FUNCTIONS = {
+    operator.getitem,
+    torch.reshape,
+    torch.flatten,
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.permute,
+    torch.transpose,
+    torch.narrow,
+    torch.movedim,
+    torch.sum,
+    torch.mean,
+    torch.split,
+    torch.chunk,
+    torch.unbind,
+    torch.flip,
+    torch.roll,
+    torch.t,
+    torch.unflatten,
+}
+_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow, operator.imatmul}

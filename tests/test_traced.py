@@ -1,0 +1,234 @@
+"""Jets through a custom module's traced forward, against torch.func's nested JVPs of the same module."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_jets import _check
+from torch import nn
+
+from pullback_manifold import GaussianDecoder, PullbackManifold, traced
+from pullback_manifold import jets as jets_module
+from pullback_manifold.decoders import as_decoder
+
+F64 = torch.float64
+
+
+class Wrapper(nn.Module):
+    """The usual way to write a decoder: a class whose forward calls a Sequential."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, 12), nn.Softplus())
+
+    def forward(self, z):
+        return torch.sigmoid(self.net(z)).view(z.shape[0], 3, 4)
+
+
+class Inner(nn.Module):
+    """A custom submodule: traced through, its parameter read by get_attr."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 3) / 2)
+
+    def forward(self, z):
+        return F.softplus(F.linear(z, self.weight), beta=2.0, threshold=1.0) + 0.5
+
+
+class Everything(nn.Module):
+    """One of each operation the tracer has a rule for."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 12)
+        self.inner = Inner()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 12))
+        self.matrix = nn.Parameter(torch.randn(12, 5) / 3)
+        self.dropout = 0.25
+
+    def forward(self, z):
+        h = torch.tanh(self.fc(z)) * self.scale - 0.1  # jet * buffer, jet - constant
+        a, b = h.chunk(2, dim=-1)  # tuple of jets
+        g = self.inner(z)  # (n, 6)
+        prod = a * g / (1.5 + b.pow(2))  # jet * jet, jet / jet, pow
+        mixed = torch.cat([prod.exp(), torch.sin(b) + torch.cos(a), F.elu(a - b, alpha=0.7)], dim=1)  # (n, 18)
+        mixed = F.dropout(mixed, p=self.dropout, training=self.training)
+        unary = torch.stack([F.silu(g), F.gelu(g), F.leaky_relu(g, 0.2), torch.sqrt(1 + g * g), torch.log(g)], dim=-1)
+        pooled = unary.sum(-1) + unary.mean(dim=-1, keepdim=False)  # (n, 6)
+        projected = h @ self.matrix + 2 / (1 + pooled.square().sum(-1, keepdim=True))  # const / jet
+        residual = torch.add(projected, pooled[:, :5], alpha=0.5) - torch.rsqrt(1 + g[:, 1:].expand_as(projected) ** 2)
+        out = torch.cat([mixed, residual, -torch.relu(residual) + 1], dim=1)
+        return out.reshape(-1, 4, 7).transpose(1, 2).flatten(1)
+
+
+class NoRule(nn.Module):
+    """An operation without a rule of one jet (torch.func differentiates it alone) and
+    tanh-approximate gelu (its rule declines)."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 8)
+
+    def forward(self, z):
+        h = self.fc(z)
+        return torch.atan(h) + F.gelu(h, approximate="tanh") + torch.special.erf(h).T.T
+
+
+class Branching(nn.Module):
+    """Control flow on tensor values: cannot be traced."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 8)
+
+    def forward(self, z):
+        h = self.fc(z)
+        return torch.tanh(h) if h.sum() > 0 else torch.sigmoid(h)
+
+
+class InPlace(nn.Module):
+    """``h += 1``: tracing records ``h = h + 1``, the same values here."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 8)
+
+    def forward(self, z):
+        h = torch.tanh(self.fc(z))
+        h += 1
+        return h * h
+
+
+class Aliased(InPlace):
+    """``h += 1`` seen through another name: the trace computes other values, torch.func
+    differentiates the module."""
+
+    def forward(self, z):
+        h = torch.tanh(self.fc(z))
+        g = h
+        h += 1
+        return g * h
+
+
+class InPlaceMethod(InPlace):
+    """An in-place method: torch.func differentiates the module."""
+
+    def forward(self, z):
+        h = torch.tanh(self.fc(z))
+        return h.mul_(2) + 1
+
+
+class TwoJets(nn.Module):
+    """An operation of two jets without a rule."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.fc, self.gc = nn.Linear(d, 8), nn.Linear(d, 8)
+
+    def forward(self, z):
+        return torch.atan2(self.fc(z), 2 + torch.tanh(self.gc(z)))
+
+
+class Flagged(nn.Module):
+    """forward branches on a plain attribute: the trace must follow it."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 8)
+        self.squash = True
+
+    def forward(self, z):
+        h = self.fc(z)
+        return torch.sigmoid(h) if self.squash else torch.exp(h)
+
+
+def _refuse(fn, jet):
+    raise AssertionError(f"torch.func used for {fn}")
+
+
+@pytest.mark.parametrize(
+    "module", [Wrapper, Everything, NoRule, Branching, InPlace, Aliased, InPlaceMethod, TwoJets, Flagged]
+)
+def test_traced_jet_matches_nested_jvp(module):
+    torch.manual_seed(0)
+    net = module()
+    _check(as_decoder(net))
+    _check(as_decoder(net), pair=None)
+
+
+def _traced(net) -> bool:
+    """Whether the tracer interprets the module (in eval mode, as the geometry runs it)."""
+    net = net.double().eval()
+    z = torch.randn(4, 3, dtype=F64)
+    state = dict(net.named_parameters()) | dict(net.named_buffers())
+    jet = jets_module.Jet(z, torch.eye(3, dtype=F64)[:, None].expand(3, 4, 3), torch.zeros_like(z), (0, 1))
+    return traced.traced_jet(net, state, jet) is not None
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        (Wrapper, True),
+        (Everything, True),
+        (NoRule, True),
+        (Branching, False),
+        (InPlace, True),
+        (Aliased, False),
+        (InPlaceMethod, False),
+        (TwoJets, False),
+    ],
+)
+def test_which_modules_are_traced(module, expected):
+    torch.manual_seed(0)
+    assert _traced(module()) is expected
+
+
+def test_whole_module_never_reaches_torch_func(monkeypatch):
+    """Where every operation has a rule, nothing runs through torch.func (the comparisons
+    above would also pass with the fallback)."""
+    monkeypatch.setattr(jets_module, "generic", _refuse)
+    torch.manual_seed(0)
+    decoder = GaussianDecoder(Wrapper(), nn.Sequential(Everything(), nn.Linear(28, 12), nn.Softplus()))
+    z = torch.randn(5, 3, dtype=F64)
+    space = PullbackManifold(decoder, dim=3)
+    G = space.metric.metric_matrix(z)
+    assert G.shape == (5, 3, 3)
+    assert space.metric.geodesic_acceleration(z, z).shape == (5, 3)
+
+
+def test_trace_follows_a_changed_flag_and_a_swapped_layer():
+    torch.manual_seed(0)
+    net = Flagged()
+    _check(as_decoder(net))
+    net.squash = False  # a plain attribute forward branches on: traced again
+    _check(as_decoder(net))
+    net.fc = nn.Linear(3, 8)  # a new submodule: read when the jet runs
+    _check(as_decoder(net))
+
+
+def test_forward_assigned_on_the_instance_is_not_traced():
+    torch.manual_seed(0)
+    net = Wrapper()
+    net.forward = lambda z: torch.exp(net.net(z))  # fx would trace the class's forward
+    _check(as_decoder(net))
+
+
+def test_energy_log_of_a_custom_module_equals_the_sequential_one(monkeypatch):
+    """The same network as a Sequential and as a class: the same logs, to the solver's
+    tolerance (the Sequential's chords are computed in a compact form, 50 -> 32 outputs)."""
+    torch.manual_seed(0)
+    sequential = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Softplus(), nn.Linear(32, 50))
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = sequential[0], sequential[2], sequential[4]
+
+        def forward(self, z):
+            return self.c(F.softplus(self.b(torch.tanh(self.a(z)))))
+
+    z0, z1 = torch.randn(2, 6, 2, dtype=F64)
+    monkeypatch.setattr(jets_module, "generic", _refuse)  # the custom module's jets are traced
+    results = [PullbackManifold(net, dim=2).metric.solve_log(z1, z0, method="energy") for net in (sequential, Custom())]
+    assert results[0].converged.all() and results[1].converged.all()
+    torch.testing.assert_close(results[1].tangent_vec, results[0].tangent_vec, rtol=1e-6, atol=1e-9)
