@@ -13,10 +13,15 @@ here is differentiated alone by ``torch.func``.
 
 The module falls back to ``torch.func`` as a whole (the same numbers, slower)
 when its ``forward`` cannot be traced (control flow on tensor values), takes more
-than one input, or runs an operation of several jets without a rule here or an
-in-place one. The trace is kept per module and made again when the plain
-attributes (numbers, strings, flags) of the module or of any submodule change:
-``forward`` may branch on them.
+than one input, or runs an in-place operation (``h.add_(x)``, ``torch.sigmoid_(h)``)
+or an operation of several jets without a rule here. The trace is kept per module
+and made again when an attribute of the module or of a submodule other than a
+tensor or a submodule changes (numbers, flags, tuples, containers, functions:
+``forward`` may read them). Tracing turns ``h += x`` into ``h = h + x``, which
+computes something else where another name still holds the old ``h``: so the
+traced values are compared with the module's own output at the first call with
+each set of parameters and buffers (each cast, each in-place update), and a module
+whose values differ is differentiated by ``torch.func``.
 """
 
 from __future__ import annotations
@@ -49,27 +54,71 @@ class _Tracer(fx.Tracer):
         return jets.has_rule(m) or super().is_leaf_module(m, module_qualified_name)
 
 
-_SIMPLE = (bool, int, float, str, type(None))
+_SIMPLE = (bool, int, float, complex, str, bytes, type(None))
+# nn.Module's own bookkeeping (parameters, buffers, submodules, hooks), not read by forward.
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+
+
+def _frozen(value, depth: int = 0):
+    """A comparable snapshot of an attribute: containers by content, other objects by identity."""
+    if isinstance(value, _SIMPLE):
+        return value
+    if depth < 4 and isinstance(value, (tuple, list)):
+        return (type(value), tuple(_frozen(v, depth + 1) for v in value))
+    if depth < 4 and isinstance(value, dict):
+        return (dict, tuple((repr(k), _frozen(v, depth + 1)) for k, v in value.items()))
+    return (type(value), id(value))
 
 
 def _fingerprint(module: nn.Module) -> tuple:
-    """What a trace depends on besides the code: every submodule's type and plain attributes."""
+    """What a trace depends on besides the code: every submodule's type and its attributes
+    other than tensors and submodules."""
     return tuple(
-        (name, type(m), tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, _SIMPLE))))
+        (
+            name,
+            type(m),
+            tuple(
+                (k, _frozen(v))
+                for k, v in sorted(vars(m).items())
+                if k not in _MODULE_INTERNALS and not isinstance(v, (Tensor, nn.Module))
+            ),
+        )
         for name, m in module.named_modules(remove_duplicate=False)
     )
 
 
-# module -> [fingerprint, graph module (None where it cannot be traced or interpreted),
-# whether the graph's values were checked against the module's own]
-_GRAPHS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+def _state_key(state: dict[str, Tensor]) -> tuple:
+    """The tensors of ``state`` and their versions (in-place updates)."""
+    return tuple((name, id(t), t._version) for name, t in state.items())
 
 
-def _graph(module: nn.Module) -> fx.GraphModule | None:
+class _Entry:
+    """A module's trace: ``graph`` (None where it cannot be traced or interpreted), the
+    ``fingerprint`` it was made for, the state its values were last checked with."""
+
+    def __init__(self, fingerprint: tuple, graph: fx.GraphModule | None, traces: int):
+        self.fingerprint, self.graph, self.traces = fingerprint, graph, traces
+        self.checked: tuple | None = None
+        self.errors = 0
+
+
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
+# A module whose attributes change at every call (a call counter) would be traced at every
+# call: after this many traces it is left to torch.func.
+_MAX_TRACES = 8
+# Unexpected errors in interpreting a trace before the module is left to torch.func.
+_MAX_ERRORS = 3
+
+
+def _entry(module: nn.Module) -> _Entry:
     fingerprint = _fingerprint(module)
     cached = _GRAPHS.get(module)
-    if cached is not None and cached[0] == fingerprint:
-        return cached[1]
+    if cached is not None and cached.fingerprint == fingerprint:
+        return cached
+    if cached is not None and cached.traces >= _MAX_TRACES:
+        cached.fingerprint, cached.graph = fingerprint, None  # left to torch.func for good
+        return cached
+    traces = 1 if cached is None else cached.traces + 1
     graph = None
     # A forward assigned on the instance is not what fx traces (it traces the class's).
     if "forward" not in vars(module):
@@ -81,12 +130,8 @@ def _graph(module: nn.Module) -> fx.GraphModule | None:
                 graph = fx.GraphModule(module, traced)
         except Exception:  # noqa: BLE001 -- any failure to trace means the torch.func path
             graph = None
-    _GRAPHS[module] = [fingerprint, graph, False]
-    return graph
-
-
-def _forget(module: nn.Module) -> None:
-    _GRAPHS[module] = [_fingerprint(module), None, True]
+    entry = _GRAPHS[module] = _Entry(fingerprint, graph, traces)
+    return entry
 
 
 def _same_values(module: nn.Module, state: dict[str, Tensor], jet: Jet, out: Jet) -> bool:
@@ -105,7 +150,13 @@ def traced_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet) -> Jet | N
     """The jet of ``module`` evaluated with ``state`` (its parameters and buffers by
     name) at ``jet``, through its traced ``forward``; None where it cannot be traced
     or interpreted (then ``torch.func`` differentiates it)."""
-    graph = _graph(module)
+    with jets.module_lock():  # the cache, and fx patches torch.nn.Module.__call__ while it traces
+        return _interpret(module, state, jet)
+
+
+def _interpret(module: nn.Module, state: dict[str, Tensor], jet: Jet) -> Jet | None:
+    entry = _entry(module)
+    graph = entry.graph
     if graph is None:
         return None
     env: dict[fx.Node, object] = {}
@@ -127,16 +178,19 @@ def traced_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet) -> Jet | N
                 out = load(node.args[0])
                 if not isinstance(out, Jet):
                     raise _Unsupported("output is not a single tensor")
-                entry = _GRAPHS[module]
-                if not entry[2]:
+                key = _state_key(state)
+                if entry.checked != key:
                     if not _same_values(module, state, jet, out):
                         raise _Unsupported("the traced graph computes other values than the module")
-                    entry[2] = True
+                    entry.checked = key
                 return out
-    except Exception:  # noqa: BLE001 -- _Unsupported, or anything this interpreter got wrong:
-        # the torch.func path gives the right numbers (or the user's own error) from here on.
-        _forget(module)
-        return None
+    except _Unsupported:
+        entry.graph = None
+    except Exception:  # noqa: BLE001 -- the user's own error, or one of this interpreter: the
+        # torch.func path gives the right numbers (or raises the user's error) for this call.
+        entry.errors += 1
+        if entry.errors >= _MAX_ERRORS:
+            entry.graph = None
     return None
 
 
@@ -173,7 +227,7 @@ def _has_jet(tree) -> bool:
 def _call(op: str, target, args, kwargs):
     if not _has_jet((args, kwargs)):  # constants: computed as they are
         return target(*args, **kwargs) if op == "call_function" else getattr(args[0], target)(*args[1:], **kwargs)
-    if kwargs.get("inplace") or (op == "call_method" and target.endswith("_")) or target in _IN_PLACE:
+    if kwargs.get("inplace") or _in_place(op, target):
         raise _Unsupported(f"in-place {target}")  # aliasing that the jets would not follow
     if target is operator.getitem and isinstance(args[0], (tuple, list)):
         return args[0][args[1]]  # one output of chunk / split
@@ -194,13 +248,19 @@ def _call(op: str, target, args, kwargs):
     raise _Unsupported(f"{target} of several jets")
 
 
+def _in_place(op: str, target) -> bool:
+    """``h.add_(x)``, ``torch.sigmoid_(h)``, ``F.elu_(h)``: torch's trailing underscore."""
+    name = target if op == "call_method" else getattr(target, "__name__", "")
+    return (isinstance(name, str) and name.endswith("_") and not name.startswith("__")) or target in _IN_PLACE
+
+
 def _by_rule(op: str, target, args, kwargs):
     """The result of a rule of this module, or None if none applies."""
     rule = _METHODS.get(target) if op == "call_method" else _FUNCTIONS.get(target)
     if rule is not None:
         try:
             return rule(*args, **kwargs)
-        except _Unsupported:
+        except (_Unsupported, TypeError):  # declined, or arguments in a form it does not read
             return None
     first, rest = args[0] if args else None, (args[1:], kwargs)
     if not isinstance(first, Jet):
@@ -341,12 +401,21 @@ def _div(x, y, *, rounding_mode=None):
         raise _Unsupported("rounded division")
     if isinstance(y, Jet):
         return _mul(x, _reciprocal(y))
-    return _scale(x, 1 / y if isinstance(y, (int, float)) else torch.reciprocal(y))
+    # Divided as torch divides (dtype promotion included): not times a reciprocal taken in
+    # the constant's own dtype (float32 or integer).
+    _check_rank(x, y)
+    value = x.value / y
+    second = None if x.second is None else x.second / y
+    return _broadcast_streams(x.replace(value, x.first / y, second), value)
 
 
 def _pow(x, exponent):
     if not isinstance(x, Jet) or not isinstance(exponent, (int, float)):
         raise _Unsupported("pow of a jet exponent")
+    if exponent == 0:
+        return _constant_jet(torch.ones_like(x.value), x)
+    if exponent == 1:
+        return x
     if exponent == 2:
         return _mul(x, x)
     p, v = exponent, x.value
@@ -464,9 +533,9 @@ _FUNCTIONS: dict[Callable, Callable] = {
     torch.pow: _pow,
     operator.matmul: _matmul,
     torch.matmul: _matmul,
-    torch.cat: lambda tensors, dim=0: _joined(torch.cat, tensors, dim=dim),
-    torch.concat: lambda tensors, dim=0: _joined(torch.cat, tensors, dim=dim),
-    torch.stack: lambda tensors, dim=0: _joined(torch.stack, tensors, dim=dim),
+    torch.cat: lambda tensors, *args, **kwargs: _joined(torch.cat, tensors, *args, **kwargs),
+    torch.concat: lambda tensors, *args, **kwargs: _joined(torch.cat, tensors, *args, **kwargs),
+    torch.stack: lambda tensors, *args, **kwargs: _joined(torch.stack, tensors, *args, **kwargs),
     **{getattr(torch, name): rule for name, rule in _ELEMENTARY.items()},
 }
 

@@ -9,6 +9,7 @@ from torch import nn
 from pullback_manifold import GaussianDecoder, PullbackManifold, traced
 from pullback_manifold import jets as jets_module
 from pullback_manifold.decoders import as_decoder
+from pullback_manifold.geometry import embedding_jet
 
 F64 = torch.float64
 
@@ -232,3 +233,124 @@ def test_energy_log_of_a_custom_module_equals_the_sequential_one(monkeypatch):
     results = [PullbackManifold(net, dim=2).metric.solve_log(z1, z0, method="energy") for net in (sequential, Custom())]
     assert results[0].converged.all() and results[1].converged.all()
     torch.testing.assert_close(results[1].tangent_vec, results[0].tangent_vec, rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------ review regressions
+class InPlaceFunction(InPlace):
+    """In-place functions (``torch.sigmoid_``, ``F.elu_``): torch.func differentiates the module."""
+
+    def forward(self, z):
+        h = self.fc(z)
+        return F.elu_(h) + torch.sigmoid_(self.fc(z))
+
+
+class Configured(nn.Module):
+    """forward reads a tuple, a function and a dict held as attributes."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 6)
+        self.shape, self.act, self.cfg = (2, 3), torch.tanh, {"scale": 1.0}
+
+    def forward(self, z):
+        return self.act(self.fc(z)).reshape(-1, *self.shape).transpose(1, 2).flatten(1) * self.cfg["scale"]
+
+
+class Divided(nn.Module):
+    """Division by an integer buffer and a float32 constant (divided as torch divides)."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 5)
+        self.register_buffer("count", torch.tensor([3, 5, 7, 9, 11]))
+
+    def forward(self, z):
+        return torch.tanh(self.fc(z)) / self.count + torch.sigmoid(self.fc(z)) / torch.tensor(3.0)
+
+
+class AliasedOffset(nn.Module):
+    """Aliasing that the value check cannot see while the buffer is zero."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 5)
+        self.register_buffer("offset", torch.zeros(5))
+
+    def forward(self, z):
+        h = torch.tanh(self.fc(z))
+        g = h
+        h += self.offset
+        return g * h
+
+
+class Powers(nn.Module):
+    """Exponents 0 and 1 at exact zeros (ReLU): no 0 * inf."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 6)
+
+    def forward(self, z):
+        h = F.relu(self.fc(z))
+        return torch.cat((h**1, h**0, h**3), axis=1)  # keyword form of cat's dim
+
+
+class Counting(Wrapper):
+    """forward changes an attribute at every call."""
+
+    calls = 0
+
+    def forward(self, z):
+        self.calls += 1
+        return super().forward(z)
+
+
+@pytest.mark.parametrize("module", [InPlaceFunction, Configured, Divided, AliasedOffset, Powers, Counting])
+def test_review_cases_match_nested_jvp(module):
+    torch.manual_seed(0)
+    net = module()
+    _check(as_decoder(net))
+
+
+@pytest.mark.parametrize(("module", "expected"), [(InPlaceFunction, False), (Divided, True), (Powers, True)])
+def test_review_cases_traced_or_not(module, expected):
+    torch.manual_seed(0)
+    assert _traced(module()) is expected
+
+
+def test_trace_follows_changed_containers_functions_and_buffers():
+    torch.manual_seed(0)
+    net = Configured()
+    _check(as_decoder(net))
+    net.shape = (3, 2)
+    _check(as_decoder(net))
+    net.act = torch.sigmoid
+    _check(as_decoder(net))
+    net.cfg["scale"] = 5.0
+    _check(as_decoder(net))
+    aliased = AliasedOffset()
+    _check(as_decoder(aliased))  # traced: the same values while the offset is zero
+    aliased.offset.fill_(0.5)  # a new state: its values are checked again
+    _check(as_decoder(aliased))
+
+
+def test_float32_first_call_then_float64_is_exact():
+    """Values checked at a float32 call do not make float64 jets inexact."""
+    torch.manual_seed(0)
+    net = Divided()
+    decoder = as_decoder(net)
+    z = torch.randn(6, 3)
+    decoder.prepare(torch.float32, z.device)
+    embedding_jet(decoder, z, torch.eye(3)[:, None].expand(3, 6, 3), (0, 1))
+    _check(decoder)
+
+
+def test_a_user_error_does_not_turn_tracing_off():
+    torch.manual_seed(0)
+    net = Wrapper()
+    decoder = as_decoder(net)
+    z = torch.randn(4, 2, dtype=F64)  # the wrong latent dimension
+    decoder.prepare(F64, z.device)
+    with pytest.raises(Exception):  # noqa: B017 -- whatever torch raises for the shape mismatch
+        embedding_jet(decoder, z, torch.eye(2, dtype=F64)[:, None].expand(2, 4, 2), (0, 1))
+    assert _traced(net)
