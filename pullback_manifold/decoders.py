@@ -25,7 +25,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import DecoderError
-from .jets import Jet, generic, head_jet, module_jet, module_lock, sequential_gram, stacked_gram, wide_output_layer
+from .jets import (
+    Jet,
+    OutputLayer,
+    generic,
+    head_jet,
+    module_jet,
+    module_lock,
+    sequential_gram,
+    stacked_gram,
+    wide_output_layer,
+)
 
 __all__ = [
     "Decoder",
@@ -152,20 +162,30 @@ class _TorchFunction:
 
     def gram(self, jet: Jet) -> Tensor:
         """:func:`~pullback_manifold.jets.stacked_gram` of the output jet, ``(n, m, m)``."""
-        last = wide_output_layer(self.fn) if isinstance(self.fn, nn.Module) else None
-        if last is None:
-            return stacked_gram(self.jet(jet))
-        state, weight_gram = self._output_weight(jet.value, last, "gram", lambda w: w.T @ w)
+        last = self._output_layer()
+        if last is not None:
+            state, weight_gram = self._output_weight(jet.value, last, "gram", lambda w: w.T @ w)
+            with _eval_mode(self.fn):
+                gram = sequential_gram(self.fn, state, jet, last, weight_gram)
+            if gram is not None:  # None: a traced forward that no longer gives the layer's input
+                return gram
+        return stacked_gram(self.jet(jet))
+
+    def _output_layer(self) -> OutputLayer | None:
+        """:func:`~pullback_manifold.jets.wide_output_layer`, looked for in eval mode (as the
+        module runs here: a traced ``forward`` may read ``self.training``)."""
+        if not isinstance(self.fn, nn.Module):
+            return None
         with _eval_mode(self.fn):
-            return sequential_gram(self.fn, state, jet, last, weight_gram)
+            return wide_output_layer(self.fn)
 
     def _output_weight(
-        self, like: Tensor, last: tuple[int, str], kind: str, make: Callable[[Tensor], Tensor]
+        self, like: Tensor, last: OutputLayer, kind: str, make: Callable[[Tensor], Tensor]
     ) -> tuple[dict[str, Tensor], Tensor]:
         """The parameters cast like ``like`` and ``make(W)`` of the output layer's cast weight
         ``W``, made again when the weight is recast (the model changed)."""
         state = self._state(like.dtype, like.device)
-        weight = state[f"{last[1]}.weight"]
+        weight = state[f"{last.name}.weight"]
         cached = self._derived.get((kind, like.dtype, like.device))
         if cached is None or cached[0] is not weight:
             # With the weight's values then: a write through .data leaves the tensor the same.
@@ -177,7 +197,7 @@ class _TorchFunction:
     def compacted(self) -> _CompactFunction | None:
         """The same chord lengths with fewer outputs (:class:`_CompactFunction`), or None when the
         module does not end in a widening ``nn.Linear``."""
-        last = wide_output_layer(self.fn) if isinstance(self.fn, nn.Module) else None
+        last = self._output_layer()
         return None if last is None else _CompactFunction(self, last)
 
     def __call__(self, z: Tensor) -> Tensor:
@@ -189,7 +209,8 @@ class _TorchFunction:
 
 
 class _CompactFunction:
-    """``z -> R h(z)`` in place of a Sequential ``f(z) = W h(z) + b`` whose output layer widens.
+    """``z -> R h(z)`` in place of a module ``f(z) = W h(z) + b`` whose output layer widens
+    (an ``nn.Sequential``, or a traced ``forward``).
 
     With ``W = Q R`` (``Q`` orthonormal columns, ``R`` square), ``|R (h(a) - h(b))|
     = |f(a) - f(b)|`` for all ``a, b``: chord lengths, the discrete energy, the
@@ -199,7 +220,7 @@ class _CompactFunction:
     not images.
     """
 
-    def __init__(self, fn: _TorchFunction, last: tuple[int, str]):
+    def __init__(self, fn: _TorchFunction, last: OutputLayer):
         self.fn, self.last = fn, last
 
     def prepare(self, dtype: torch.dtype, device: torch.device) -> None:
@@ -214,18 +235,39 @@ class _CompactFunction:
     def jet(self, jet: Jet) -> Jet:
         state, factor = self._state_and_factor(jet.value)
         with _eval_mode(self.fn.fn):
-            jet = head_jet(self.fn.fn, state, jet, self.last[0])
-        second = None if jet.second is None else F.linear(jet.second, factor)
-        return jet.replace(F.linear(jet.value, factor), F.linear(jet.first, factor), second)
+            head = head_jet(self.fn.fn, state, jet, self.last)
+        if head is None:
+            return self._from_output(self.fn.jet(jet), state, factor)
+        second = None if head.second is None else F.linear(head.second, factor)
+        return head.replace(F.linear(head.value, factor), F.linear(head.first, factor), second)
 
     def __call__(self, z: Tensor) -> Tensor:
         state, factor = self._state_and_factor(z)
         with _eval_mode(self.fn.fn):
-            for name, child in list(self.fn.fn._modules.items())[: self.last[0]]:
-                prefix = f"{name}."
-                local = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-                z = torch.func.functional_call(child, local, (z,))
-        return F.linear(z, factor)
+            head = head_jet(self.fn.fn, state, z, self.last)
+        if head is None:
+            return self._from_output(self.fn(z), state, factor)
+        return F.linear(head, factor)
+
+    def _from_output(self, out: Tensor | Jet, state: dict[str, Tensor], factor: Tensor) -> Tensor | Jet:
+        """``R h = R^{-T} W^T (f - b)`` from the whole module's output ``f`` (or its jet):
+        where a traced ``forward`` no longer gives ``h`` (its values differ from the
+        module's), the compact output at the cost of the full one."""
+        weight, bias = state[f"{self.last.name}.weight"], state.get(f"{self.last.name}.bias")
+        # R^{-T} W^T: W = Q R, so W^T = R^T Q^T and R^{-T} W^T = Q^T, orthonormal rows.
+        project = torch.linalg.solve_triangular(factor.T, weight.T, upper=False)  # (H, D)
+
+        row_axes = (out if isinstance(out, Tensor) else out.value).dim() - 1  # of one output row
+
+        def apply(x: Tensor, shift: Tensor | None) -> Tensor:
+            # (..., n, *row) -> (..., n, C, D): the layer acts on the last axis of its input.
+            rows = x.reshape(*x.shape[: x.dim() - row_axes], -1, weight.shape[0])
+            return F.linear(rows if shift is None else rows - shift, project)
+
+        if isinstance(out, Tensor):
+            return apply(out, bias)
+        second = None if out.second is None else apply(out.second, None)
+        return out.replace(apply(out.value, bias), apply(out.first, None), second)
 
 
 def _triangular_factor(weight: Tensor) -> Tensor:
@@ -319,7 +361,9 @@ class Decoder(abc.ABC):
         """An embedding with the same chord lengths ``|embed(a) - embed(b)|`` and fewer outputs.
 
         Every part of the decoder that ends in a widening ``nn.Linear`` ``W h + b``
-        (``D`` outputs from ``H < D`` features) is replaced by ``R h``, where
+        (``D`` outputs from ``H < D`` features; an ``nn.Sequential``, or a module whose
+        traced ``forward`` returns that layer's output, reshaped at most:
+        :mod:`~pullback_manifold.traced`) is replaced by ``R h``, where
         ``W = Q R``: distances between embedded points, hence the discrete
         energy of a latent polygon and the pull-back metric, are unchanged, and
         the ``D x H`` output layer is never evaluated. The solvers use it; its

@@ -49,7 +49,18 @@ from torch.nn.modules import module as module_globals
 
 from .errors import DecoderError
 
-__all__ = ["Jet", "propagate", "module_jet", "module_lock", "stacked_gram", "sequential_gram"]
+__all__ = [
+    "Jet",
+    "OutputLayer",
+    "has_rule",
+    "head_jet",
+    "module_jet",
+    "module_lock",
+    "propagate",
+    "sequential_gram",
+    "stacked_gram",
+    "wide_output_layer",
+]
 
 
 @dataclass(frozen=True)
@@ -432,35 +443,73 @@ def stacked_gram(jet: Jet) -> Tensor:
 _ISOMETRIC_TAIL = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.AlphaDropout)
 
 
-def wide_output_layer(module: nn.Module) -> tuple[int, str] | None:
-    """``(index, name)`` of a Sequential's final ``nn.Linear`` when it widens (``out > in``)
-    and only reshapes follow it; else None. Its inner products are cheaper in its input space."""
-    if type(module) is not nn.Sequential or any(has_hooks(m) for m in module.modules()):
+@dataclass(frozen=True)
+class OutputLayer:
+    """A module's widening output layer ``W h + b`` (an ``nn.Linear`` with more outputs than
+    inputs, followed by reshapes only): the module is ``f = W h + b``.
+
+    Attributes
+    ----------
+    name : str
+        The layer's name in the module (its weight is ``name + ".weight"`` in a state).
+    index : int, optional
+        Its position in an ``nn.Sequential``; None in a traced ``forward``
+        (:func:`~pullback_manifold.traced.output_layer`).
+    """
+
+    name: str
+    index: int | None = None
+
+
+def wide_output_layer(module: nn.Module) -> OutputLayer | None:
+    """The final ``nn.Linear`` of a module when it widens (``out > in``) and only reshapes
+    follow it (an ``nn.Sequential``, or a traced ``forward``); else None. Its inner products
+    are cheaper in its input space."""
+    if type(module) is not nn.Sequential:
+        if has_rule(module):
+            return None
+        from .traced import output_layer  # it builds on this module's rules
+
+        name = output_layer(module)
+        return None if name is None else OutputLayer(name)
+    if any(has_hooks(m) for m in module.modules()):
         return None
     children = list(module._modules.items())
     for index in range(len(children) - 1, -1, -1):
         name, child = children[index]
         if type(child) is nn.Linear:
-            return (index, name) if child.out_features > child.in_features else None
+            return OutputLayer(name, index) if child.out_features > child.in_features else None
         if type(child) not in _ISOMETRIC_TAIL:
             return None
     return None
 
 
-def head_jet(module: nn.Sequential, state: dict[str, Tensor], jet: Jet, index: int) -> Jet:
-    """The jet through a Sequential's layers before position ``index`` (its output layer)."""
-    for name, child in list(module._modules.items())[:index]:
-        jet = module_jet(child, state, jet, f"{name}.")
+def head_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet | Tensor, last: OutputLayer) -> Jet | Tensor | None:
+    """The jet (or, given points, the value) of the input ``h`` of a module's output layer
+    ``last``; None where a traced ``forward`` no longer gives it (then the whole module runs)."""
+    if last.index is None:
+        from .traced import head
+
+        return head(module, state, jet, last.name)
+    for name, child in list(module._modules.items())[: last.index]:
+        prefix = f"{name}."
+        if isinstance(jet, Jet):
+            jet = module_jet(child, state, jet, prefix)
+        else:
+            local = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            jet = functional_call(child, local, (jet,))
     return jet
 
 
 def sequential_gram(
-    module: nn.Sequential, state: dict[str, Tensor], jet: Jet, last: tuple[int, str], weight_gram: Tensor
-) -> Tensor:
-    """:func:`stacked_gram` of a Sequential whose output layer ``W x + b`` widens:
+    module: nn.Module, state: dict[str, Tensor], jet: Jet, last: OutputLayer, weight_gram: Tensor
+) -> Tensor | None:
+    """:func:`stacked_gram` of a module whose output layer ``W x + b`` widens:
     ``<W p, W q> = p^T (W^T W) q``, so the jet stops before ``W`` (for a decoder to
-    images, the output layer is most of the cost)."""
-    jet = head_jet(module, state, jet, last[0])
+    images, the output layer is most of the cost). None where :func:`head_jet` is None."""
+    jet = head_jet(module, state, jet, last)
+    if jet is None:
+        return None
     vectors = jet.derivatives().transpose(0, 1)  # (n, m, ..., H)
     if vectors.dim() == 3:
         return vectors @ weight_gram @ vectors.transpose(-1, -2)

@@ -39,7 +39,7 @@ from torch.func import functional_call, vmap
 from . import jets
 from .jets import Jet
 
-__all__ = ["traced_jet"]
+__all__ = ["head", "output_layer", "traced_jet"]
 
 
 class _Unsupported(Exception):
@@ -94,18 +94,23 @@ def _state_key(state: dict[str, Tensor]) -> tuple:
 
 class _Entry:
     """A module's trace: ``graph`` (None where it cannot be traced or interpreted), the
-    ``fingerprint`` it was made for, the state its values were last checked with."""
+    ``fingerprint`` it was made for, the states its values were checked with (the last few:
+    a solve alternates float32 and float64 copies of the parameters)."""
 
     def __init__(self, fingerprint: tuple, graph: fx.GraphModule | None, traces: int):
         self.fingerprint, self.graph, self.traces = fingerprint, graph, traces
-        self.checked: tuple | None = None
+        self.uses = 0
+        self.checked: list[tuple] = []
         self.errors = 0
+        self.output_layer: tuple[str, fx.Node] | None | bool = False  # False: not looked for yet
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
 # A module whose attributes change at every call (a call counter) would be traced at every
-# call: after this many traces it is left to torch.func.
+# call: after this many traces in a row, each used at most once, it is left to torch.func.
 _MAX_TRACES = 8
+# States (dtype and device copies, versions) whose values are remembered as checked.
+_CHECKED_STATES = 4
 # Unexpected errors in interpreting a trace before the module is left to torch.func.
 _MAX_ERRORS = 3
 
@@ -114,11 +119,13 @@ def _entry(module: nn.Module) -> _Entry:
     fingerprint = _fingerprint(module)
     cached = _GRAPHS.get(module)
     if cached is not None and cached.fingerprint == fingerprint:
+        cached.uses += 1
         return cached
     if cached is not None and cached.traces >= _MAX_TRACES:
         cached.fingerprint, cached.graph = fingerprint, None  # left to torch.func for good
         return cached
-    traces = 1 if cached is None else cached.traces + 1
+    # Attributes changed: a new trace (a churning one if the last was hardly used).
+    traces = 1 if cached is None or cached.uses > 1 else cached.traces + 1
     graph = None
     # A forward assigned on the instance is not what fx traces (it traces the class's).
     if "forward" not in vars(module):
@@ -134,16 +141,16 @@ def _entry(module: nn.Module) -> _Entry:
     return entry
 
 
-def _same_values(module: nn.Module, state: dict[str, Tensor], jet: Jet, out: Jet) -> bool:
+def _same_values(module: nn.Module, state: dict[str, Tensor], z: Tensor, value: Tensor) -> bool:
     """The traced value equals the module's own output. Tracing turns ``h += 1`` into
     ``h = h + 1``: where another name still refers to the old ``h``, the graph computes
     something else than the module (fx does not follow in-place aliasing)."""
-    expected = functional_call(module, state, (jet.value,))
-    if not isinstance(expected, Tensor) or expected.shape != out.value.shape:
+    expected = functional_call(module, state, (z,))
+    if not isinstance(expected, Tensor) or expected.shape != value.shape:
         return False
     scale = expected.abs().max() if expected.numel() else 0
     tolerance = 1e3 * torch.finfo(expected.dtype).eps * (1 + scale)
-    return bool(((expected - out.value).abs() <= tolerance).all())
+    return bool(((expected - value).abs() <= tolerance).all())
 
 
 def traced_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet) -> Jet | None:
@@ -154,7 +161,60 @@ def traced_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet) -> Jet | N
         return _interpret(module, state, jet)
 
 
-def _interpret(module: nn.Module, state: dict[str, Tensor], jet: Jet) -> Jet | None:
+def output_layer(module: nn.Module) -> str | None:
+    """The name of the ``nn.Linear`` whose output, reshaped at most, is the output of the
+    module's traced ``forward``, when it widens (more outputs than inputs) and has no hooks;
+    else None."""
+    with jets.module_lock():
+        entry = _entry(module)
+        if entry.graph is None:
+            return None
+        if entry.output_layer is False:
+            entry.output_layer = _find_output_layer(module, entry.graph)
+        return None if entry.output_layer is None else entry.output_layer[0]
+
+
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "contiguous"}
+
+
+def _find_output_layer(module: nn.Module, graph: fx.GraphModule) -> tuple[str, fx.Node] | None:
+    output = next(node for node in graph.graph.nodes if node.op == "output")
+    node = output.args[0]
+    while isinstance(node, fx.Node) and len(node.users) == 1 and node.args and not node.kwargs:
+        if node.op == "call_module":
+            child = module.get_submodule(node.target)
+            if jets.has_hooks(child):
+                return None
+            if type(child) is nn.Linear:
+                widens = child.out_features > child.in_features
+                return (node.target, node) if widens and len(node.args) == 1 else None
+            if type(child) not in jets._ISOMETRIC_TAIL:
+                return None
+        elif not (
+            (node.op == "call_method" and node.target in _RESHAPES)
+            or (node.op == "call_function" and node.target in (torch.flatten, torch.reshape))
+        ):
+            return None
+        node = node.args[0]
+    return None
+
+
+def head(module: nn.Module, state: dict[str, Tensor], x: Jet | Tensor, name: str) -> Jet | Tensor | None:
+    """The jet (or, given points, the value) of the input of the module's output layer
+    ``name`` (:func:`output_layer`), by its traced ``forward``; None where the trace no
+    longer has that output layer or its values differ from the module's."""
+    with jets.module_lock():
+        if output_layer(module) != name:
+            return None
+        entry = _entry(module)
+        if _state_key(state) not in entry.checked and _interpret(module, state, x) is None:
+            return None  # the whole trace, once per state: it checks the values
+        return _interpret(module, state, x, stop=entry.output_layer[1])
+
+
+def _interpret(module: nn.Module, state: dict[str, Tensor], jet: Jet | Tensor, stop: fx.Node | None = None):
+    """The jet (or value, given a tensor) of the module's traced ``forward``, or of the input
+    of the node ``stop``; None where it cannot be interpreted."""
     entry = _entry(module)
     graph = entry.graph
     if graph is None:
@@ -166,6 +226,8 @@ def _interpret(module: nn.Module, state: dict[str, Tensor], jet: Jet) -> Jet | N
 
     try:
         for node in graph.graph.nodes:
+            if node is stop:
+                return env[node.args[0]]
             if node.op == "placeholder":
                 env[node] = jet
             elif node.op == "get_attr":
@@ -176,13 +238,14 @@ def _interpret(module: nn.Module, state: dict[str, Tensor], jet: Jet) -> Jet | N
                 env[node] = _call(node.op, node.target, load(node.args), load(node.kwargs))
             elif node.op == "output":
                 out = load(node.args[0])
-                if not isinstance(out, Jet):
+                if not isinstance(out, type(jet)):
                     raise _Unsupported("output is not a single tensor")
                 key = _state_key(state)
-                if entry.checked != key:
-                    if not _same_values(module, state, jet, out):
+                if key not in entry.checked:
+                    z, value = (jet.value, out.value) if isinstance(jet, Jet) else (jet, out)
+                    if not _same_values(module, state, z, value):
                         raise _Unsupported("the traced graph computes other values than the module")
-                    entry.checked = key
+                    entry.checked = [*entry.checked[-(_CHECKED_STATES - 1) :], key]
                 return out
     except _Unsupported:
         entry.graph = None

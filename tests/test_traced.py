@@ -354,3 +354,129 @@ def test_a_user_error_does_not_turn_tracing_off():
     with pytest.raises(Exception):  # noqa: B017 -- whatever torch raises for the shape mismatch
         embedding_jet(decoder, z, torch.eye(2, dtype=F64)[:, None].expand(2, 4, 2), (0, 1))
     assert _traced(net)
+
+
+# ------------------------------------------------------------------ widening output layer
+class ImageDecoder(nn.Module):
+    """A class ending in a widening nn.Linear and a reshape: compacted like a Sequential."""
+
+    def __init__(self, d=3, width=8, pixels=40):
+        super().__init__()
+        self.hidden = nn.Linear(d, width)
+        self.out = nn.Linear(width, pixels)
+
+    def forward(self, z):
+        return self.out(torch.tanh(self.hidden(z))).view(z.shape[0], 4, -1)
+
+
+class Squashed(ImageDecoder):
+    def forward(self, z):
+        return torch.sigmoid(super().forward(z))
+
+
+class Residual(ImageDecoder):
+    def forward(self, z):
+        return self.out(torch.tanh(self.hidden(z))) + z.sum(-1, keepdim=True)
+
+
+class UsedTwice(ImageDecoder):
+    def forward(self, z):
+        y = self.out(torch.tanh(self.hidden(z)))
+        return y * y
+
+
+class AliasedHead(ImageDecoder):
+    """Aliasing before the output layer, invisible while the offset is zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("offset", torch.zeros(8))
+
+    def forward(self, z):
+        h = torch.tanh(self.hidden(z))
+        g = h
+        h += self.offset
+        return self.out(g * h)
+
+
+def _compare_compact(decoder, d=3):
+    """The compact embedding keeps chords and inner products of derivatives."""
+    from pullback_manifold.jets import stacked_gram
+
+    compact = decoder.compact()
+    a, b = torch.randn(2, 6, d, dtype=F64)
+    decoder.prepare(F64, a.device)
+    full = (decoder(a) - decoder(b)).norm(dim=-1)
+    torch.testing.assert_close((compact(a) - compact(b)).norm(dim=-1), full, rtol=1e-12, atol=0)
+    directions = torch.cat([torch.eye(d, dtype=F64)[:, None].expand(d, 6, d), torch.randn(2, 6, d, dtype=F64)])
+    for pair in [None, (3, 4), (torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]))]:
+        fast = stacked_gram(embedding_jet(compact, a, directions, pair))
+        slow = stacked_gram(embedding_jet(decoder, a, directions, pair))
+        torch.testing.assert_close(fast, slow, rtol=1e-11, atol=1e-12 * slow.abs().max().item())
+    space = PullbackManifold(decoder, dim=d)
+    G = space.metric.metric_matrix(a)
+    J = torch.func.vmap(torch.func.jacfwd(lambda x: decoder(x[None])[0]))(a)  # forward mode: in-place ops too
+    torch.testing.assert_close(G, J.transpose(-1, -2) @ J, rtol=1e-11, atol=1e-12)
+    return compact
+
+
+def test_class_with_a_widening_output_layer_is_compacted():
+    torch.manual_seed(0)
+    decoder = as_decoder(ImageDecoder())
+    compact = _compare_compact(decoder)
+    assert compact is not decoder
+    assert compact(torch.randn(5, 3, dtype=F64)).shape == (5, 8)  # R h, not the 40 pixels
+    gaussian = GaussianDecoder(ImageDecoder(), nn.Sequential(nn.Linear(3, 40), nn.Softplus()))
+    assert gaussian.compact() is not gaussian
+    _compare_compact(gaussian)
+
+
+@pytest.mark.parametrize("module", [Squashed, Residual, UsedTwice])
+def test_class_whose_output_is_not_the_layers_is_not_compacted(module):
+    torch.manual_seed(0)
+    decoder = as_decoder(module())
+    assert decoder.compact() is decoder
+    narrowing = as_decoder(ImageDecoder(width=50, pixels=40))
+    assert narrowing.compact() is narrowing
+    hooked = ImageDecoder()
+    hooked.out.register_forward_hook(lambda module, inputs, output: 2 * output)
+    decoder = as_decoder(hooked)
+    assert decoder.compact() is decoder
+
+
+def test_compact_class_falls_back_to_the_whole_module_when_its_values_change(monkeypatch):
+    from pullback_manifold.decoders import _CompactFunction
+
+    calls = []
+    whole = _CompactFunction._from_output
+    monkeypatch.setattr(_CompactFunction, "_from_output", lambda *args: calls.append(1) or whole(*args))
+    torch.manual_seed(0)
+    net = AliasedHead()
+    decoder = as_decoder(net)
+    _compare_compact(decoder)  # through the traced head: the same values while the offset is 0
+    assert not calls
+    net.offset.fill_(0.5)  # the trace now computes other values: R h from the whole output
+    compact = _compare_compact(decoder)
+    assert compact is not decoder and calls
+
+
+def test_energy_log_of_a_compacted_class_equals_the_sequential_one():
+    torch.manual_seed(0)
+    sequential = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 60))
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = sequential[0], sequential[2]
+
+        def forward(self, z):
+            return self.c(torch.tanh(self.a(z))).reshape(-1, 6, 10)
+
+    z0, z1 = torch.randn(2, 5, 2, dtype=F64)
+    lengths = []
+    for net in (sequential, Custom()):
+        space = PullbackManifold(net, dim=2)
+        result = space.metric.solve_log(z1, z0, method="energy")
+        assert result.converged.all()
+        lengths.append(space.metric.norm(result.tangent_vec, z0))
+    torch.testing.assert_close(lengths[1], lengths[0], rtol=1e-10, atol=0)
