@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -40,8 +41,8 @@ from .jets import (
 __all__ = [
     "Decoder",
     "DeterministicDecoder",
-    "GaussianDecoder",
     "EnsembleDecoder",
+    "GaussianDecoder",
     "MetricDecoder",
     "as_decoder",
 ]
@@ -67,20 +68,45 @@ def _eval_mode(module: nn.Module):
                 m.training = training
 
 
+class _ModuleMethod(nn.Module):
+    """A method of an ``nn.Module`` (``vae.decode``) as a module of its own: it is cast,
+    put in eval mode and traced like one (:class:`_TorchFunction`). Its parameters are
+    the owner's, named ``owner.<name>``."""
+
+    def __init__(self, owner: nn.Module, method: str):
+        super().__init__()
+        self.owner = owner
+        self.method = method
+
+    def forward(self, z: Tensor):
+        return getattr(self.owner, self.method)(z)
+
+
+def _as_module(fn: Callable) -> Callable:
+    """``fn`` itself, or a :class:`_ModuleMethod` for a method bound to an ``nn.Module``."""
+    owner = getattr(fn, "__self__", None)
+    if not inspect.ismethod(fn) or not isinstance(owner, nn.Module):
+        return fn
+    name = fn.__name__
+    if getattr(owner, name, None) != fn:  # not reachable by its name (a renamed or wrapped method)
+        return fn
+    return _ModuleMethod(owner, name)
+
+
 class _TorchFunction:
     """Call a torch callable with the dtype and device of its input.
 
-    ``nn.Module`` s are called through :func:`torch.func.functional_call` with
-    detached copies of their parameters and buffers, cast to the input's dtype
-    and device, in eval mode: geometry never writes gradients into a model,
-    never changes its mode, and a float32 model can be evaluated at float64
-    points. Plain callables are called as they are.
+    ``nn.Module`` s, and methods bound to one (``vae.decode``), are called through
+    :func:`torch.func.functional_call` with detached copies of their parameters and
+    buffers, cast to the input's dtype and device, in eval mode: geometry never
+    writes gradients into a model, never changes its mode, and a float32 model can
+    be evaluated at float64 points. Plain callables are called as they are.
     """
 
     def __init__(self, fn: Callable[[Tensor], Tensor], name: str):
         if not callable(fn):
             raise TypeError(f"{name} must be a torch callable or nn.Module, got {type(fn).__name__}")
-        self.fn = fn
+        self.fn = _as_module(fn)
         self.name = name
         self._cache: dict = {}
         self._derived: dict = {}  # matrices made from a widening output layer's cast weight

@@ -50,7 +50,9 @@ class PullbackManifold(VectorSpaceOpenSet):
     Parameters
     ----------
     decoder : callable, nn.Module or :class:`~pullback_manifold.Decoder`
-        Maps latent points ``(n, d)`` to outputs ``(n, *out)``. A plain callable
+        Maps latent points ``(n, d)`` to outputs ``(n, *out)``: an ``nn.Module``, a
+        method of one (``vae.decode``: cast and run in eval mode like the module), or
+        any callable. A plain callable
         or module is a deterministic decoder (metric ``J^T J``); wrap it in
         :class:`~pullback_manifold.GaussianDecoder` or
         :class:`~pullback_manifold.EnsembleDecoder` for the expected metric.
@@ -348,7 +350,7 @@ class DecoderPullbackMetric(RiemannianMetric):
                 f"the decoder failed on latent points of shape {tuple(probe.shape)}, dtype {z.dtype}, "
                 f"device {z.device}: {type(err).__name__}: {err}. It must map a batch (n, {self.dim}) to "
                 "(n, ...), row by row. Pass points with the decoder's dtype and device, or an nn.Module "
-                "(which is cast to the points' dtype and device automatically)."
+                "or a method of one such as vae.decode (cast to the points' dtype and device automatically)."
             ) from err
         if not torch.isfinite(out).all():
             raise DecoderError(

@@ -480,3 +480,55 @@ def test_energy_log_of_a_compacted_class_equals_the_sequential_one():
         assert result.converged.all()
         lengths.append(space.metric.norm(result.tangent_vec, z0))
     torch.testing.assert_close(lengths[1], lengths[0], rtol=1e-10, atol=0)
+
+
+# ------------------------------------------------------------------ methods of modules
+class VAE(nn.Module):
+    """A VAE as usually written: the decoder is a method, the model float32 and in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(20, 4)
+        self.hidden, self.mean_head, self.std_head = nn.Linear(2, 16), nn.Linear(16, 20), nn.Linear(16, 20)
+        self.dropout = nn.Dropout(0.3)
+
+    def decode(self, z):
+        return torch.sigmoid(self.mean_head(self.dropout(torch.tanh(self.hidden(z)))))
+
+    def decode_std(self, z):
+        return F.softplus(self.std_head(torch.tanh(self.hidden(z)))) + 1e-3
+
+    def forward(self, x):
+        return self.decode(self.encoder(x)[:, :2])
+
+
+def test_a_method_of_a_module_is_cast_evaluated_and_traced(monkeypatch):
+    import copy
+
+    torch.manual_seed(0)
+    vae = VAE()  # float32, training mode
+    z = torch.randn(5, 2, dtype=F64)
+    monkeypatch.setattr(jets_module, "generic", _refuse)  # the method's body is traced
+    space = PullbackManifold(vae.decode, dim=2)
+    G = space.metric.metric_matrix(z)
+    assert space.metric.geodesic_acceleration(z, z).shape == (5, 2)
+    reference = copy.deepcopy(vae).double().eval()
+    J = torch.func.vmap(torch.func.jacfwd(lambda x: reference.decode(x[None])[0]))(z)
+    torch.testing.assert_close(G, J.transpose(-1, -2) @ J, rtol=1e-12, atol=1e-14)
+    assert vae.training and vae.dropout.training  # its mode is restored
+    assert all(p.dtype == torch.float32 and p.grad is None for p in vae.parameters())
+    gaussian = PullbackManifold(GaussianDecoder(vae.decode, vae.decode_std), dim=2)
+    J_std = torch.func.vmap(torch.func.jacfwd(lambda x: reference.decode_std(x[None])[0]))(z)
+    expected = J.transpose(-1, -2) @ J + J_std.transpose(-1, -2) @ J_std
+    torch.testing.assert_close(gaussian.metric.metric_matrix(z), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_method_of_another_object_stays_a_plain_callable():
+    class Chart:
+        def embed(self, z):
+            return torch.stack([z[:, 0].cos(), z[:, 0].sin() * z[:, 1]], dim=-1)
+
+    z = torch.randn(4, 2, dtype=F64)
+    G = PullbackManifold(Chart().embed, dim=2).metric.metric_matrix(z)
+    J = torch.func.vmap(torch.func.jacfwd(lambda x: Chart().embed(x[None])[0]))(z)
+    torch.testing.assert_close(G, J.transpose(-1, -2) @ J, rtol=1e-12, atol=1e-14)
