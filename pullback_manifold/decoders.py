@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import traced
 from .errors import DecoderError
 from .jets import (
     Jet,
@@ -152,6 +153,7 @@ class _TorchFunction:
                     if not torch.equal(weight, values):
                         self._derived.pop(key, None)
                 self._state(dtype, device)
+                traced.new_epoch()  # a traced forward's values are checked again (writes through .data)
 
     def _copies_current(self, state: dict[str, Tensor], sources: dict[str, Tensor]) -> bool:
         """Whether the copies ``state`` were made from the module's tensors as they are now
@@ -280,8 +282,9 @@ class _CompactFunction:
         where a traced ``forward`` no longer gives ``h`` (its values differ from the
         module's), the compact output at the cost of the full one."""
         weight, bias = state[f"{self.last.name}.weight"], state.get(f"{self.last.name}.bias")
-        # R^{-T} W^T: W = Q R, so W^T = R^T Q^T and R^{-T} W^T = Q^T, orthonormal rows.
-        project = torch.linalg.solve_triangular(factor.T, weight.T, upper=False)  # (H, D)
+        # Q^T of W = Q R (the QR that gave ``factor``): Q^T (f - b) = Q^T Q R h = R h, no
+        # inverse of R (singular for a rank-deficient W).
+        project = _orthonormal_factor(weight).T  # (H, D)
 
         row_axes = (out if isinstance(out, Tensor) else out.value).dim() - 1  # of one output row
 
@@ -294,6 +297,11 @@ class _CompactFunction:
             return apply(out, bias)
         second = None if out.second is None else apply(out.second, None)
         return out.replace(apply(out.value, bias), apply(out.first, None), second)
+
+
+def _orthonormal_factor(weight: Tensor) -> Tensor:
+    """``Q`` of ``weight = Q R`` (:func:`_triangular_factor`'s ``R``), computed the same way."""
+    return torch.linalg.qr(weight.detach().to("cpu", torch.float64), mode="reduced")[0].to(weight.device, weight.dtype)
 
 
 def _triangular_factor(weight: Tensor) -> Tensor:

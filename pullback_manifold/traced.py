@@ -15,13 +15,20 @@ The module falls back to ``torch.func`` as a whole (the same numbers, slower)
 when its ``forward`` cannot be traced (control flow on tensor values), takes more
 than one input, or runs an in-place operation (``h.add_(x)``, ``torch.sigmoid_(h)``)
 or an operation of several jets without a rule here. The trace is kept per module
-and made again when an attribute of the module or of a submodule other than a
-tensor or a submodule changes (numbers, flags, tuples, containers, functions:
-``forward`` may read them). Tracing turns ``h += x`` into ``h = h + x``, which
-computes something else where another name still holds the old ``h``: so the
-traced values are compared with the module's own output at the first call with
-each set of parameters and buffers (each cast, each in-place update), and a module
-whose values differ is differentiated by ``torch.func``.
+and made again when a hook is added or removed, or an attribute of the module or of
+a submodule other than a tensor or a submodule changes (numbers, flags, tuples,
+containers, functions: ``forward`` may read them). Tracing turns ``h += x`` into
+``h = h + x``, which computes something else where another name still holds the
+old ``h``: so the traced values are compared with the module's own output at the
+first call with each set of parameters and buffers (each cast, each in-place
+update), and, for a trace where that can happen (the old ``h`` used after the
+sum), at every public call (a write through ``.data`` changes no version); a
+module whose values differ is differentiated by ``torch.func``.
+
+A trace that ends in a widening ``nn.Linear`` (reshaped at most; or an
+``nn.Sequential`` ending in one) gives the input ``h`` of that layer
+(:func:`output_layer`, :func:`head`): the metric and the energy method then work in
+the layer's input space, as for a Sequential (:meth:`~pullback_manifold.Decoder.compact`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import operator
 import types
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +47,7 @@ from torch.func import functional_call, vmap
 from . import jets
 from .jets import Jet
 
-__all__ = ["head", "output_layer", "traced_jet"]
+__all__ = ["head", "new_epoch", "output_layer", "traced_jet"]
 
 
 class _Unsupported(Exception):
@@ -71,12 +79,14 @@ def _frozen(value, depth: int = 0):
 
 
 def _fingerprint(module: nn.Module) -> tuple:
-    """What a trace depends on besides the code: every submodule's type and its attributes
-    other than tensors and submodules."""
+    """What a trace depends on besides the code: every submodule's type, whether it has
+    hooks (then it is not traced through), and its attributes other than tensors and
+    submodules."""
     return tuple(
         (
             name,
             type(m),
+            jets.has_hooks(m),
             tuple(
                 (k, _frozen(v))
                 for k, v in sorted(vars(m).items())
@@ -87,9 +97,55 @@ def _fingerprint(module: nn.Module) -> tuple:
     )
 
 
-def _state_key(state: dict[str, Tensor]) -> tuple:
-    """The tensors of ``state`` and their versions (in-place updates)."""
-    return tuple((name, id(t), t._version) for name, t in state.items())
+# Advanced at every public call (:meth:`~pullback_manifold.decoders._TorchFunction.prepare`):
+# a write through ``.data`` changes neither a tensor's identity nor its version.
+_EPOCH = [0]
+
+
+def new_epoch() -> None:
+    """Values of traces that may differ from their module's are checked again (see
+    :func:`_may_alias`)."""
+    _EPOCH[0] += 1
+
+
+def _state_key(state: dict[str, Tensor], entry: _Entry) -> tuple:
+    """The tensors of ``state`` and their versions (in-place updates); and the epoch, for a
+    trace that may differ from its module where the state's values do."""
+    epoch = _EPOCH[0] if entry.may_alias else None
+    return (epoch, *((name, id(t), t._version) for name, t in state.items()))
+
+
+# What ``h += x`` (and ``-=``, ``*=`` ...) becomes in a trace.
+_AUGMENTED = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.floordiv,
+    operator.pow,
+    operator.matmul,
+    operator.mod,
+    operator.and_,
+    operator.or_,
+    operator.xor,
+    operator.lshift,
+    operator.rshift,
+}
+
+
+def _may_alias(graph: fx.Graph) -> bool:
+    """Whether the trace may compute something else than its module: ``h += x`` is traced as
+    ``h = h + x``, and a later use of the old ``h`` (under another name) would see the
+    increment in the module, not in the trace. A trace without such a later use computes
+    what the module does; one with it (also plain ``y = h + x`` followed by a use of ``h``)
+    has its values checked at every public call."""
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _AUGMENTED and node.args:
+            old = node.args[0]
+            if isinstance(old, fx.Node) and any(order[user] > order[node] for user in old.users if user is not node):
+                return True
+    return False
 
 
 class _Entry:
@@ -102,7 +158,8 @@ class _Entry:
         self.uses = 0
         self.checked: list[tuple] = []
         self.errors = 0
-        self.output_layer: tuple[str, fx.Node] | None | bool = False  # False: not looked for yet
+        self.output_layer: _Split | None | bool = False  # False: not looked for yet
+        self.may_alias = graph is not None and _may_alias(graph.graph)
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
@@ -158,28 +215,43 @@ def traced_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet) -> Jet | N
     name) at ``jet``, through its traced ``forward``; None where it cannot be traced
     or interpreted (then ``torch.func`` differentiates it)."""
     with jets.module_lock():  # the cache, and fx patches torch.nn.Module.__call__ while it traces
-        return _interpret(module, state, jet)
+        return _interpret(module, _entry(module), state, jet)
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Where a traced ``forward`` ends in a widening ``nn.Linear`` (reshaped at most)."""
+
+    name: str  # the layer's name in the module
+    stop: fx.Node  # the node calling it, or calling the Sequential that ends in it
+    inner: jets.OutputLayer | None  # that Sequential's own output layer
 
 
 def output_layer(module: nn.Module) -> str | None:
     """The name of the ``nn.Linear`` whose output, reshaped at most, is the output of the
-    module's traced ``forward``, when it widens (more outputs than inputs) and has no hooks;
-    else None."""
+    module's traced ``forward`` (directly, or as the last layer of an ``nn.Sequential`` that
+    ``forward`` calls last), when it widens (more outputs than inputs), has no hooks, and
+    its weight and bias are its own (not tied to another layer's); else None."""
     with jets.module_lock():
-        entry = _entry(module)
-        if entry.graph is None:
-            return None
-        if entry.output_layer is False:
-            entry.output_layer = _find_output_layer(module, entry.graph)
-        return None if entry.output_layer is None else entry.output_layer[0]
+        split = _split(module, _entry(module))
+        return None if split is None else split.name
+
+
+def _split(module: nn.Module, entry: _Entry) -> _Split | None:
+    if entry.graph is None:
+        return None
+    if entry.output_layer is False:
+        entry.output_layer = _find_output_layer(module, entry.graph)
+    return entry.output_layer
 
 
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "contiguous"}
 
 
-def _find_output_layer(module: nn.Module, graph: fx.GraphModule) -> tuple[str, fx.Node] | None:
+def _find_output_layer(module: nn.Module, graph: fx.GraphModule) -> _Split | None:
     output = next(node for node in graph.graph.nodes if node.op == "output")
     node = output.args[0]
+    split = None
     while isinstance(node, fx.Node) and len(node.users) == 1 and node.args and not node.kwargs:
         if node.op == "call_module":
             child = module.get_submodule(node.target)
@@ -187,7 +259,14 @@ def _find_output_layer(module: nn.Module, graph: fx.GraphModule) -> tuple[str, f
                 return None
             if type(child) is nn.Linear:
                 widens = child.out_features > child.in_features
-                return (node.target, node) if widens and len(node.args) == 1 else None
+                split = _Split(node.target, node, None) if widens and len(node.args) == 1 else None
+                break
+            if type(child) is nn.Sequential:
+                inner = jets.wide_output_layer(child)
+                split = (
+                    None if inner is None or len(node.args) != 1 else _Split(f"{node.target}.{inner.name}", node, inner)
+                )
+                break
             if type(child) not in jets._ISOMETRIC_TAIL:
                 return None
         elif not (
@@ -196,26 +275,45 @@ def _find_output_layer(module: nn.Module, graph: fx.GraphModule) -> tuple[str, f
         ):
             return None
         node = node.args[0]
-    return None
+    if split is None:
+        return None
+    # Its weight (and bias) by these names: a tied weight is listed under another layer's.
+    names = dict(module.named_parameters())
+    names.update(module.named_buffers())
+    layer = module.get_submodule(split.name)
+    if f"{split.name}.weight" not in names or (layer.bias is not None and f"{split.name}.bias" not in names):
+        return None
+    return split
 
 
 def head(module: nn.Module, state: dict[str, Tensor], x: Jet | Tensor, name: str) -> Jet | Tensor | None:
     """The jet (or, given points, the value) of the input of the module's output layer
     ``name`` (:func:`output_layer`), by its traced ``forward``; None where the trace no
-    longer has that output layer or its values differ from the module's."""
+    longer has that output layer, its values differ from the module's, or the input does
+    not have the points' batch axis first (``h.reshape(-1, 8)``)."""
     with jets.module_lock():
-        if output_layer(module) != name:
+        entry = _entry(module)  # one entry for the call: forward may change the module's attributes
+        split = _split(module, entry)
+        if split is None or split.name != name:
             return None
-        entry = _entry(module)
-        if _state_key(state) not in entry.checked and _interpret(module, state, x) is None:
+        if _state_key(state, entry) not in entry.checked and _interpret(module, entry, state, x) is None:
             return None  # the whole trace, once per state: it checks the values
-        return _interpret(module, state, x, stop=entry.output_layer[1])
+        h = _interpret(module, entry, state, x, stop=split.stop)
+        if h is not None and split.inner is not None:
+            prefix = f"{split.stop.target}."
+            local = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            sequential = module.get_submodule(split.stop.target)
+            h = jets.head_jet(sequential, local, h, split.inner)
+        if h is None:
+            return None
+        n = (x.value if isinstance(x, Jet) else x).shape[0]
+        value = h.value if isinstance(h, Jet) else h
+        return h if value.dim() >= 2 and value.shape[0] == n else None
 
 
-def _interpret(module: nn.Module, state: dict[str, Tensor], jet: Jet | Tensor, stop: fx.Node | None = None):
-    """The jet (or value, given a tensor) of the module's traced ``forward``, or of the input
-    of the node ``stop``; None where it cannot be interpreted."""
-    entry = _entry(module)
+def _interpret(module: nn.Module, entry: _Entry, state: dict[str, Tensor], jet: Jet | Tensor, stop=None):
+    """The jet (or value, given a tensor) of the module's traced ``forward`` (``entry``), or of
+    the input of the node ``stop``; None where it cannot be interpreted."""
     graph = entry.graph
     if graph is None:
         return None
@@ -240,7 +338,7 @@ def _interpret(module: nn.Module, state: dict[str, Tensor], jet: Jet | Tensor, s
                 out = load(node.args[0])
                 if not isinstance(out, type(jet)):
                     raise _Unsupported("output is not a single tensor")
-                key = _state_key(state)
+                key = _state_key(state, entry)
                 if key not in entry.checked:
                     z, value = (jet.value, out.value) if isinstance(jet, Jet) else (jet, out)
                     if not _same_values(module, state, z, value):

@@ -532,3 +532,98 @@ def test_a_method_of_another_object_stays_a_plain_callable():
     G = PullbackManifold(Chart().embed, dim=2).metric.metric_matrix(z)
     J = torch.func.vmap(torch.func.jacfwd(lambda x: Chart().embed(x[None])[0]))(z)
     torch.testing.assert_close(G, J.transpose(-1, -2) @ J, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------ second review's regressions
+class FoldBatch(ImageDecoder):
+    """The output layer's input has the batch folded into its first axis: not compacted
+    through the trace (the whole output gives R h)."""
+
+    def __init__(self):
+        super().__init__(width=8, pixels=40)
+        self.out = nn.Linear(4, 20)
+
+    def forward(self, z):
+        h = torch.tanh(self.hidden(z)).reshape(-1, 4)  # (2n, 4)
+        return self.out(h).view(z.shape[0], -1)  # (n, 40)
+
+
+class CountingImage(ImageDecoder):
+    calls = 0
+
+    def forward(self, z):
+        self.calls += 1
+        return super().forward(z)
+
+
+class TiedOutput(nn.Module):
+    """The output weight is a parameter registered first under another name."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(40, 8) / 3)
+        self.hidden, self.out = nn.Linear(d, 8), nn.Linear(8, 40)
+        self.out.weight = self.table
+
+    def forward(self, z):
+        return self.out(torch.tanh(self.hidden(z)))
+
+
+class SequentialInside(nn.Module):
+    """The usual shape: forward calls a Sequential that ends in the widening layer."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, 40))
+
+    def forward(self, z):
+        return self.net(z).view(-1, 5, 8)
+
+
+@pytest.mark.parametrize("module", [FoldBatch, CountingImage, TiedOutput, SequentialInside])
+def test_compaction_edge_cases_keep_the_geometry(module):
+    torch.manual_seed(0)
+    _compare_compact(as_decoder(module()))
+
+
+def test_sequential_inside_a_class_is_compacted_through_the_trace(monkeypatch):
+    from pullback_manifold.decoders import _CompactFunction
+
+    monkeypatch.setattr(_CompactFunction, "_from_output", _refuse)
+    torch.manual_seed(0)
+    decoder = as_decoder(SequentialInside())
+    compact = _compare_compact(decoder)
+    assert compact(torch.randn(2, 3, dtype=F64)).shape == (2, 8)
+
+
+def test_hooks_added_after_a_trace_are_applied():
+    torch.manual_seed(0)
+    net = ImageDecoder().double()
+    space = PullbackManifold(net, dim=3)
+    a = torch.randn(5, 3, dtype=F64)
+    space.metric.metric_matrix(a)
+    net.out.register_forward_hook(lambda module, inputs, output: 2 * output)
+    net.hidden.register_forward_hook(lambda module, inputs, output: output**2)
+    J = torch.func.vmap(torch.func.jacfwd(lambda x: net(x[None]).reshape(-1)))(a)
+    torch.testing.assert_close(space.metric.metric_matrix(a), J.transpose(-1, -2) @ J, rtol=1e-12, atol=1e-14)
+
+
+def test_writes_through_data_are_seen_by_the_value_check():
+    torch.manual_seed(0)
+    net = AliasedOffset().double()  # float64 at float64 points: the state is the module's own tensors
+    space = PullbackManifold(net, dim=3)
+    a = torch.randn(5, 3, dtype=F64)
+    space.metric.metric_matrix(a)  # traced: the same values while the offset is zero
+    net.offset.data.copy_(torch.full((5,), 0.5, dtype=F64))  # no new version, no new tensor
+    J = torch.func.vmap(torch.func.jacfwd(lambda x: net(x[None])[0]))(a)
+    torch.testing.assert_close(space.metric.metric_matrix(a), J.transpose(-1, -2) @ J, rtol=1e-12, atol=1e-14)
+
+
+def test_whole_output_fallback_with_a_rank_deficient_output_layer():
+    torch.manual_seed(0)
+    net = AliasedHead()
+    with torch.no_grad():
+        net.out.weight[:, 1] = net.out.weight[:, 0]  # rank 7 of 8: R is singular
+    net.offset.fill_(0.5)
+    compact = _compare_compact(as_decoder(net))
+    assert torch.isfinite(compact(torch.randn(3, 3, dtype=F64))).all()
