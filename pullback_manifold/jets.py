@@ -422,6 +422,9 @@ def propagate(fn, jet: Jet) -> Jet:
     if callable(method):
         return method(jet)
     if isinstance(fn, nn.Module):
+        from .traced import new_epoch
+
+        new_epoch()  # a public call: a traced forward is compared with the module again
         with module_lock():
             state = dict(fn.named_parameters())
             state.update(fn.named_buffers())

@@ -15,9 +15,9 @@ The module falls back to ``torch.func`` as a whole (the same numbers, slower)
 when its ``forward`` cannot be traced (control flow on tensor values), takes more
 than one input, or runs an in-place operation (``h.add_(x)``, ``torch.sigmoid_(h)``)
 or an operation of several jets without a rule here. The trace is kept per module
-and made again when a hook is added or removed, or an attribute of the module or of
-a submodule other than a tensor or a submodule changes (numbers, flags, tuples,
-containers, functions: ``forward`` may read them). Tracing turns ``h += x`` into
+and made again when, between two public calls, a hook is added or removed, or an
+attribute of the module or of a submodule other than a tensor or a submodule changes
+(numbers, flags, tuples, containers, functions: ``forward`` may read them). Tracing turns ``h += x`` into
 ``h = h + x``, which computes something else where another name still holds the
 old ``h``: so the traced values are compared with the module's own output at the
 first call with each set of parameters and buffers (each cast, each in-place
@@ -97,14 +97,15 @@ def _fingerprint(module: nn.Module) -> tuple:
     )
 
 
-# Advanced at every public call (:meth:`~pullback_manifold.decoders._TorchFunction.prepare`):
-# a write through ``.data`` changes neither a tensor's identity nor its version.
+# Advanced at every public call (:meth:`~pullback_manifold.decoders._TorchFunction.prepare`,
+# :func:`~pullback_manifold.jets.propagate`): a write through ``.data`` changes neither a
+# tensor's identity nor its version, and attributes are compared once per call.
 _EPOCH = [0]
 
 
 def new_epoch() -> None:
-    """Values of traces that may differ from their module's are checked again (see
-    :func:`_may_alias`)."""
+    """A new public call: attributes are compared with their trace's again, and values of
+    traces that may differ from their module's are checked again (see :func:`_may_alias`)."""
     _EPOCH[0] += 1
 
 
@@ -156,6 +157,7 @@ class _Entry:
     def __init__(self, fingerprint: tuple, graph: fx.GraphModule | None, traces: int):
         self.fingerprint, self.graph, self.traces = fingerprint, graph, traces
         self.uses = 0
+        self.epoch = _EPOCH[0]
         self.checked: list[tuple] = []
         self.errors = 0
         self.output_layer: _Split | None | bool = False  # False: not looked for yet
@@ -173,10 +175,15 @@ _MAX_ERRORS = 3
 
 
 def _entry(module: nn.Module) -> _Entry:
-    fingerprint = _fingerprint(module)
     cached = _GRAPHS.get(module)
+    if cached is not None and cached.epoch == _EPOCH[0]:
+        # Attributes are compared once per public call: the decoder runs several times
+        # in one (the fingerprint cost about 50 us for a four-layer decoder).
+        return cached
+    fingerprint = _fingerprint(module)
     if cached is not None and cached.fingerprint == fingerprint:
         cached.uses += 1
+        cached.epoch = _EPOCH[0]
         return cached
     if cached is not None and cached.traces >= _MAX_TRACES:
         cached.fingerprint, cached.graph = fingerprint, None  # left to torch.func for good
