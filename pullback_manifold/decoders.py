@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import traced
+from . import jets, traced
 from .errors import DecoderError
 from .jets import (
     Jet,
@@ -187,6 +187,16 @@ class _TorchFunction:
             with _eval_mode(self.fn):
                 return module_jet(self.fn, state, jet)
         return generic(self.fn, jet)
+
+    def pair_jet(self, jet: Jet) -> tuple[Jet, Jet] | None:
+        """The jets of a module returning a pair ``(mean, std)``, through its traced
+        ``forward``; None for a plain callable or a module that cannot be traced."""
+        if not isinstance(self.fn, nn.Module) or jets.has_rule(self.fn):
+            return None
+        state = self._state(jet.value.dtype, jet.value.device)
+        with _eval_mode(self.fn):
+            out = traced.traced_jet(self.fn, state, jet)
+        return out if isinstance(out, tuple) and len(out) == 2 else None
 
     def gram(self, jet: Jet) -> Tensor:
         """:func:`~pullback_manifold.jets.stacked_gram` of the output jet, ``(n, m, m)``."""
@@ -565,10 +575,14 @@ class GaussianDecoder(Decoder):
         return [(self._mean, 1.0), (self._std, 1.0)]
 
     def jet(self, jet: Jet) -> Jet:
-        if self._std is None:  # one callable returning a pair: differentiate the whole map
-            return generic(self._embed, jet)
-        mu = _flatten_jet(self._mean.jet(jet), jet.value, "mean")
-        sigma = _flatten_jet(self._std.jet(jet), jet.value, "std")
+        if self._std is None:  # one callable returning a pair
+            pair = self._mean.pair_jet(jet)
+            if pair is None:  # not a traceable module: differentiate the whole map
+                return generic(self._embed, jet)
+            mu, sigma = (_flatten_jet(out, jet.value, name) for out, name in zip(pair, ("mean", "std")))
+        else:
+            mu = _flatten_jet(self._mean.jet(jet), jet.value, "mean")
+            sigma = _flatten_jet(self._std.jet(jet), jet.value, "std")
         if mu.value.shape != sigma.value.shape:
             self.mean_and_std(jet.value)  # raises the shape error
         return _concatenate([mu, sigma], 1.0)

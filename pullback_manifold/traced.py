@@ -9,7 +9,9 @@ recorded operations: submodules by their own rules (:func:`~pullback_manifold.je
 elementwise functions and arithmetic by the chain and product rules, and
 operations linear in the jet (reshapes, indexing, sums, ``cat``) applied to the
 value and each derivative stream alike. An operation of one jet without a rule
-here is differentiated alone by ``torch.func``.
+here is differentiated alone by ``torch.func``. A ``forward`` returning a tuple gives
+a tuple of jets: ``GaussianDecoder(vae.decode)`` with ``decode`` returning
+``(mean, std)`` is traced too.
 
 The module falls back to ``torch.func`` as a whole (the same numbers, slower)
 when its ``forward`` cannot be traced (control flow on tensor values), takes more
@@ -205,22 +207,30 @@ def _entry(module: nn.Module) -> _Entry:
     return entry
 
 
-def _same_values(module: nn.Module, state: dict[str, Tensor], z: Tensor, value: Tensor) -> bool:
-    """The traced value equals the module's own output. Tracing turns ``h += 1`` into
-    ``h = h + 1``: where another name still refers to the old ``h``, the graph computes
-    something else than the module (fx does not follow in-place aliasing)."""
+def _same_values(module: nn.Module, state: dict[str, Tensor], z: Tensor, values: tuple[Tensor, ...] | Tensor) -> bool:
+    """The traced value (or values, for a module returning a tuple) equals the module's own
+    output. Tracing turns ``h += 1`` into ``h = h + 1``: where another name still refers to
+    the old ``h``, the graph computes something else than the module (fx does not follow
+    in-place aliasing)."""
     expected = functional_call(module, state, (z,))
-    if not isinstance(expected, Tensor) or expected.shape != value.shape:
+    if isinstance(values, Tensor):
+        values, expected = (values,), (expected,)
+    if not isinstance(expected, (tuple, list)) or len(expected) != len(values):
         return False
-    scale = expected.abs().max() if expected.numel() else 0
-    tolerance = 1e3 * torch.finfo(expected.dtype).eps * (1 + scale)
-    return bool(((expected - value).abs() <= tolerance).all())
+    for want, got in zip(expected, values):
+        if not isinstance(want, Tensor) or want.shape != got.shape:
+            return False
+        scale = want.abs().max() if want.numel() else 0
+        if not bool(((want - got).abs() <= 1e3 * torch.finfo(want.dtype).eps * (1 + scale)).all()):
+            return False
+    return True
 
 
-def traced_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet) -> Jet | None:
+def traced_jet(module: nn.Module, state: dict[str, Tensor], jet: Jet) -> Jet | tuple[Jet, ...] | None:
     """The jet of ``module`` evaluated with ``state`` (its parameters and buffers by
-    name) at ``jet``, through its traced ``forward``; None where it cannot be traced
-    or interpreted (then ``torch.func`` differentiates it)."""
+    name) at ``jet``, through its traced ``forward`` (a tuple of jets for a module that
+    returns a tuple); None where it cannot be traced or interpreted (then ``torch.func``
+    differentiates it)."""
     with jets.module_lock():  # the cache, and fx patches torch.nn.Module.__call__ while it traces
         return _interpret(module, _entry(module), state, jet)
 
@@ -343,15 +353,18 @@ def _interpret(module: nn.Module, entry: _Entry, state: dict[str, Tensor], jet: 
                 env[node] = _call(node.op, node.target, load(node.args), load(node.kwargs))
             elif node.op == "output":
                 out = load(node.args[0])
-                if not isinstance(out, type(jet)):
-                    raise _Unsupported("output is not a single tensor")
+                # One tensor, or a tuple of them (a decoder returning (mean, std)).
+                outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+                if not outs or not all(isinstance(o, type(jet)) for o in outs):
+                    raise _Unsupported("output is not a tensor or a tuple of tensors")
                 key = _state_key(state, entry)
                 if key not in entry.checked:
-                    z, value = (jet.value, out.value) if isinstance(jet, Jet) else (jet, out)
-                    if not _same_values(module, state, z, value):
+                    z = jet.value if isinstance(jet, Jet) else jet
+                    values = tuple(o.value if isinstance(o, Jet) else o for o in outs)
+                    if not _same_values(module, state, z, values if isinstance(out, (tuple, list)) else values[0]):
                         raise _Unsupported("the traced graph computes other values than the module")
                     entry.checked = [*entry.checked[-(_CHECKED_STATES - 1) :], key]
-                return out
+                return outs if isinstance(out, (tuple, list)) else out
     except _Unsupported:
         entry.graph = None
     except Exception:  # noqa: BLE001 -- the user's own error, or one of this interpreter: the

@@ -627,3 +627,31 @@ def test_whole_output_fallback_with_a_rank_deficient_output_layer():
     net.offset.fill_(0.5)
     compact = _compare_compact(as_decoder(net))
     assert torch.isfinite(compact(torch.randn(3, 3, dtype=F64))).all()
+
+
+class PairVAE(VAE):
+    """decode returns (mean, std), as a Gaussian VAE's often does."""
+
+    def decode_pair(self, z):
+        h = torch.tanh(self.hidden(z))
+        return self.mean_head(h), F.softplus(self.std_head(h)) + 1e-3
+
+
+def test_a_module_returning_mean_and_std_is_traced(monkeypatch):
+    import copy
+
+    torch.manual_seed(0)
+    vae = PairVAE()
+    z = torch.randn(5, 2, dtype=F64)
+    monkeypatch.setattr(jets_module, "generic", _refuse)
+    monkeypatch.setattr("pullback_manifold.decoders.generic", _refuse)  # GaussianDecoder's fallback
+    space = PullbackManifold(GaussianDecoder(vae.decode_pair), dim=2)
+    G = space.metric.metric_matrix(z)
+    reference = copy.deepcopy(vae).double().eval()
+    J_mu, J_sigma = (
+        torch.func.vmap(torch.func.jacfwd(lambda x, i=i: reference.decode_pair(x[None])[i][0]))(z) for i in (0, 1)
+    )
+    expected = J_mu.transpose(-1, -2) @ J_mu + J_sigma.transpose(-1, -2) @ J_sigma
+    torch.testing.assert_close(G, expected, rtol=1e-12, atol=1e-14)
+    result = space.metric.solve_log(z[:3].flip(0), z[:3], method="energy")
+    assert result.converged.all()
