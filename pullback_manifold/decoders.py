@@ -119,15 +119,21 @@ class _TorchFunction:
             return cached[1]  # validated by prepare() at the public entry point
         module = self.fn
         with module_lock():  # not while another thread has its cast copies swapped in
-            named = list(module.named_parameters()) + list(module.named_buffers())
+            # Every name of a tied tensor (a weight shared by two layers): each layer's rule
+            # reads its own; one copy per tensor, as functional_call ties them.
+            named = list(module.named_parameters(remove_duplicate=False))
+            named += list(module.named_buffers(remove_duplicate=False))
             # _version changes on in-place updates (optimizer steps): recast then.
             key = tuple((id(t), t._version) for _, t in named)
             if cached is not None and cached[0] == key:
                 return cached[1]
-            state = {
-                k: (t.detach().to(device=device, dtype=dtype) if t.is_floating_point() else t.detach().to(device))
-                for k, t in named
-            }
+            copies: dict[int, Tensor] = {}
+            for _, t in named:
+                if id(t) not in copies:
+                    copies[id(t)] = (
+                        t.detach().to(device=device, dtype=dtype) if t.is_floating_point() else t.detach().to(device)
+                    )
+            state = {k: copies[id(t)] for k, t in named}
             # The values each copy was made from (prepare() compares them with the tensors);
             # none for a tensor used as it is.
             sources = {}
@@ -200,13 +206,15 @@ class _TorchFunction:
 
     def gram(self, jet: Jet) -> Tensor:
         """:func:`~pullback_manifold.jets.stacked_gram` of the output jet, ``(n, m, m)``."""
-        last = self._output_layer()
-        if last is not None:
-            state, weight_gram = self._output_weight(jet.value, last, "gram", lambda w: w.T @ w)
-            with _eval_mode(self.fn):
-                gram = sequential_gram(self.fn, state, jet, last, weight_gram)
-            if gram is not None:  # None: a traced forward that no longer gives the layer's input
-                return gram
+        if isinstance(self.fn, nn.Module):
+            with _eval_mode(self.fn):  # one mode switch for the whole pass (a model in training mode)
+                last = wide_output_layer(self.fn)
+                if last is not None:
+                    state, weight_gram = self._output_weight(jet.value, last, "gram", lambda w: w.T @ w)
+                    gram = sequential_gram(self.fn, state, jet, last, weight_gram)
+                    if gram is not None:  # None: a traced forward that no longer gives the layer's input
+                        return gram
+                return stacked_gram(self.jet(jet))
         return stacked_gram(self.jet(jet))
 
     def _output_layer(self) -> OutputLayer | None:
@@ -480,6 +488,8 @@ def _flatten_output(out, z: Tensor, name: str) -> Tensor:
 
 def _flatten_jet(out: Jet, z: Tensor, name: str) -> Jet:
     """:func:`_flatten_output` for a jet: ``(n, *out) -> (n, D)`` on every component."""
+    if isinstance(out, (tuple, list)):  # a traced module returning several tensors
+        _flatten_output(tuple(o.value for o in out), z, name)  # raises its TypeError
     value = _flatten_output(out.value, z, name)
     k = out.first.shape[0]
     second = out.second

@@ -426,8 +426,8 @@ def propagate(fn, jet: Jet) -> Jet:
 
         new_epoch()  # a public call: a traced forward is compared with the module again
         with module_lock():
-            state = dict(fn.named_parameters())
-            state.update(fn.named_buffers())
+            state = dict(fn.named_parameters(remove_duplicate=False))  # every name of a tied weight
+            state.update(fn.named_buffers(remove_duplicate=False))
             return module_jet(fn, state, jet)
     return generic(fn, jet)
 

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import functional_call, vmap
+from torch.nn.modules import module as module_globals
 
 from . import jets
 from .jets import Jet
@@ -82,32 +83,37 @@ def _frozen(value, depth: int = 0):
 
 def _fingerprint(module: nn.Module) -> tuple:
     """What a trace depends on besides the code: every submodule's type, whether it has
-    hooks (then it is not traced through), and its attributes other than tensors and
-    submodules."""
-    return tuple(
-        (
-            name,
-            type(m),
-            jets.has_hooks(m),
-            tuple(
-                (k, _frozen(v))
-                for k, v in sorted(vars(m).items())
-                if k not in _MODULE_INTERNALS and not isinstance(v, (Tensor, nn.Module))
-            ),
+    hooks (then it is not traced through), which tensors are its parameters and buffers
+    (a weight tied to another layer's), and its other attributes than tensors and
+    submodules. Taken at every decoder pass (about 1 us per submodule)."""
+    out = [bool(module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)]
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        attributes = m.__dict__
+        own = sorted(attributes.keys() - _MODULE_INTERNALS)  # a few names: the set difference is C
+        out.append(
+            (
+                type(m),
+                bool(m._forward_hooks or m._forward_pre_hooks),
+                tuple(map(id, attributes["_parameters"].values())),
+                tuple(map(id, attributes["_buffers"].values())),
+                tuple((k, _frozen(attributes[k])) for k in own if not isinstance(attributes[k], (Tensor, nn.Module))),
+            )
         )
-        for name, m in module.named_modules(remove_duplicate=False)
-    )
+        stack.extend(child for child in attributes["_modules"].values() if child is not None)
+    return tuple(out)
 
 
 # Advanced at every public call (:meth:`~pullback_manifold.decoders._TorchFunction.prepare`,
-# :func:`~pullback_manifold.jets.propagate`): a write through ``.data`` changes neither a
-# tensor's identity nor its version, and attributes are compared once per call.
+# :func:`~pullback_manifold.jets.propagate` of a module): a write through ``.data`` changes
+# neither a tensor's identity nor its version.
 _EPOCH = [0]
 
 
 def new_epoch() -> None:
-    """A new public call: attributes are compared with their trace's again, and values of
-    traces that may differ from their module's are checked again (see :func:`_may_alias`)."""
+    """A new public call: values of traces that may differ from their module's are checked
+    again (see :func:`_may_alias`)."""
     _EPOCH[0] += 1
 
 
@@ -136,19 +142,100 @@ _AUGMENTED = {
 }
 
 
-def _may_alias(graph: fx.Graph) -> bool:
-    """Whether the trace may compute something else than its module: ``h += x`` is traced as
-    ``h = h + x``, and a later use of the old ``h`` (under another name) would see the
-    increment in the module, not in the trace. A trace without such a later use computes
-    what the module does; one with it (also plain ``y = h + x`` followed by a use of ``h``)
-    has its values checked at every public call."""
-    order = {node: index for index, node in enumerate(graph.nodes)}
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target in _AUGMENTED and node.args:
-            old = node.args[0]
-            if isinstance(old, fx.Node) and any(order[user] > order[node] for user in old.users if user is not node):
+# Operations whose result shares memory with their input (an in-place update of the input
+# shows through them).
+_VIEWS = {
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "unsqueeze",
+    "squeeze",
+    "permute",
+    "transpose",
+    "t",
+    "T",
+    "expand",
+    "expand_as",
+    "view_as",
+    "reshape_as",
+    "narrow",
+    "movedim",
+    "split",
+    "chunk",
+    "unbind",
+    "contiguous",
+    "detach",
+    "diagonal",
+    "select",
+    "as_strided",
+}
+_VIEW_FUNCTIONS = {
+    operator.getitem,
+    torch.reshape,
+    torch.flatten,
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.permute,
+    torch.transpose,
+    torch.narrow,
+    torch.movedim,
+    torch.split,
+    torch.chunk,
+    torch.unbind,
+    torch.t,
+    torch.unflatten,
+    torch.detach,
+    torch.diagonal,
+    torch.select,
+}
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEWS
+    return node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or node.target is getattr)
+
+
+def _later_use(graph: fx.Graph, order: dict, old: fx.Node, after: fx.Node) -> bool:
+    """Whether ``old``, or a view of it taken before ``after``, is used after ``after``."""
+    pending, seen = [old], set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if user is after:
+                continue
+            if order[user] > order[after]:
                 return True
+            if _is_view(user) and user.args and user.args[0] is node:
+                pending.append(user)
     return False
+
+
+def _may_alias(module: nn.Module, graph: fx.Graph) -> bool | None:
+    """Whether the trace may compute something else than its module: ``h += x`` is traced as
+    ``h = h + x``, and a later use of the old ``h`` (under another name, or through a view
+    taken before) would see the increment in the module, not in the trace. A trace without
+    such a later use computes what the module does; one with it (also plain ``y = h + x``
+    followed by a use of ``h``) has its values checked at every public call. None: a
+    submodule that may update its input in place (``nn.ReLU(inplace=True)``, or a
+    Sequential holding one) has its input used after it: the trace is not used."""
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    risk = False
+    for node in graph.nodes:
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        if node.op == "call_module" and any(
+            getattr(m, "inplace", False) is True for m in module.get_submodule(node.target).modules()
+        ):
+            if _later_use(graph, order, node.args[0], node):
+                return None
+        elif node.op == "call_function" and node.target in _AUGMENTED:
+            risk = risk or _later_use(graph, order, node.args[0], node)
+    return risk
 
 
 class _Entry:
@@ -156,14 +243,15 @@ class _Entry:
     ``fingerprint`` it was made for, the states its values were checked with (the last few:
     a solve alternates float32 and float64 copies of the parameters)."""
 
-    def __init__(self, fingerprint: tuple, graph: fx.GraphModule | None, traces: int):
+    def __init__(self, module: nn.Module, fingerprint: tuple, graph: fx.GraphModule | None, traces: int):
         self.fingerprint, self.graph, self.traces = fingerprint, graph, traces
         self.uses = 0
-        self.epoch = _EPOCH[0]
         self.checked: list[tuple] = []
         self.errors = 0
         self.output_layer: _Split | None | bool = False  # False: not looked for yet
-        self.may_alias = graph is not None and _may_alias(graph.graph)
+        self.may_alias = False if graph is None else _may_alias(module, graph.graph)
+        if self.may_alias is None:
+            self.graph = None
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
@@ -178,14 +266,9 @@ _MAX_ERRORS = 3
 
 def _entry(module: nn.Module) -> _Entry:
     cached = _GRAPHS.get(module)
-    if cached is not None and cached.epoch == _EPOCH[0]:
-        # Attributes are compared once per public call: the decoder runs several times
-        # in one (the fingerprint cost about 50 us for a four-layer decoder).
-        return cached
     fingerprint = _fingerprint(module)
     if cached is not None and cached.fingerprint == fingerprint:
         cached.uses += 1
-        cached.epoch = _EPOCH[0]
         return cached
     if cached is not None and cached.traces >= _MAX_TRACES:
         cached.fingerprint, cached.graph = fingerprint, None  # left to torch.func for good
@@ -203,7 +286,7 @@ def _entry(module: nn.Module) -> _Entry:
                 graph = fx.GraphModule(module, traced)
         except Exception:  # noqa: BLE001 -- any failure to trace means the torch.func path
             graph = None
-    entry = _GRAPHS[module] = _Entry(fingerprint, graph, traces)
+    entry = _GRAPHS[module] = _Entry(module, fingerprint, graph, traces)
     return entry
 
 

@@ -655,3 +655,111 @@ def test_a_module_returning_mean_and_std_is_traced(monkeypatch):
     torch.testing.assert_close(G, expected, rtol=1e-12, atol=1e-14)
     result = space.metric.solve_log(z[:3].flip(0), z[:3], method="energy")
     assert result.converged.all()
+
+
+# ------------------------------------------------------------------ third review's regressions
+class Scaled(ImageDecoder):
+    scale = 1.0
+
+    def forward(self, z):
+        return torch.sigmoid(self.out(torch.tanh(self.hidden(z)))) * self.scale
+
+
+class AliasedView(nn.Module):
+    """The old value seen through a view taken before the in-place sum."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 5)
+        self.register_buffer("offset", torch.zeros(5))
+
+    def forward(self, z):
+        h = torch.tanh(self.fc(z))
+        g = h[:, :3]
+        h += self.offset
+        return g * h[:, 2:]
+
+
+class InPlaceActivation(nn.Module):
+    """An in-place activation module whose input is used after it: not traced."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.inp, self.fc = nn.Linear(d, 6), nn.Linear(6, 6)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, z):
+        x = self.inp(z)
+        return self.fc(self.act(x)) + x
+
+
+class Pair(nn.Module):
+    def __init__(self, d=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 4)
+
+    def forward(self, z):
+        h = self.fc(z)
+        return h, h.exp()
+
+
+def _metric_error(net, z, space=None):
+    """Largest error of the metric (of ``space``, else a new one) against forward-mode J^T J."""
+    space = space or PullbackManifold(net, dim=z.shape[-1])
+    G = space.metric.metric_matrix(z)
+    J = torch.func.vmap(torch.func.jacfwd(lambda x: net(x[None]).reshape(-1)))(z)
+    return (G - J.transpose(-1, -2) @ J).abs().max().item()
+
+
+def test_an_attribute_changed_between_direct_calls_is_followed():
+    """Without prepare() (a decoder used directly): the trace still follows the attribute."""
+    torch.manual_seed(0)
+    net = Scaled()
+    decoder = as_decoder(net)
+    z = torch.randn(4, 3, dtype=F64)
+    directions = torch.eye(3, dtype=F64)[:, None].expand(3, 4, 3)
+    decoder.prepare(F64, z.device)
+    before = embedding_jet(decoder, z, directions).first
+    net.scale = 3.0
+    torch.testing.assert_close(embedding_jet(decoder, z, directions).first, 3 * before, rtol=1e-12, atol=0)
+
+
+def test_views_of_an_updated_value_and_in_place_modules_keep_the_geometry():
+    torch.manual_seed(0)
+    z = torch.randn(6, 3, dtype=F64)
+    net = AliasedView().double()  # float64 at float64 points: the same state tensors at every call
+    space = PullbackManifold(net, dim=3)
+    assert _metric_error(net, z, space) < 1e-12
+    net.offset.data.fill_(0.5)  # visible only through the view: a value check at this call
+    assert _metric_error(net, z, space) < 1e-12
+    relu = InPlaceActivation().double()
+    space = PullbackManifold(relu, dim=3)
+    with torch.no_grad():
+        relu.inp.bias.fill_(10.0)  # every pre-activation positive: ReLU changes nothing here
+    assert _metric_error(relu, z, space) < 1e-12
+    with torch.no_grad():
+        relu.inp.bias.fill_(0.0)
+    assert _metric_error(relu, z, space) < 1e-12
+    assert not _traced(InPlaceActivation())
+
+
+def test_weights_tied_after_a_trace_and_tied_sequential_weights():
+    torch.manual_seed(0)
+    z = torch.randn(5, 3, dtype=F64)
+    net = TiedOutput().double()
+    net.out.weight = nn.Parameter(torch.randn(40, 8, dtype=F64))  # untied first
+    space = PullbackManifold(net, dim=3)
+    assert _metric_error(net, z, space) < 1e-12
+    net.out.weight = net.table  # tied after the trace
+    assert _metric_error(net, z, space) < 1e-12
+    sequential = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).double()
+    sequential[4].weight = sequential[2].weight
+    assert _metric_error(sequential, z) < 1e-12
+
+
+def test_a_deterministic_decoder_returning_a_pair_says_to_use_a_gaussian_decoder():
+    decoder = as_decoder(Pair())
+    z = torch.randn(4, 3, dtype=F64)
+    decoder.prepare(F64, z.device)
+    with pytest.raises(TypeError, match="GaussianDecoder"):
+        embedding_jet(decoder, z, torch.eye(3, dtype=F64)[:, None].expand(3, 4, 3))
