@@ -143,53 +143,25 @@ _AUGMENTED = {
 }
 
 
+# Reshaping, indexing and splitting: linear in their first argument, and their result
+# shares memory with it.
+_SHAPE_METHODS = frozenset(
+    {
+        "view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "permute", "transpose", "t",
+        "expand", "narrow", "movedim", "split", "chunk", "unbind", "contiguous",
+    }
+)  # fmt: skip
+_SHAPE_FUNCTIONS = frozenset(
+    {
+        operator.getitem, torch.reshape, torch.flatten, torch.unflatten, torch.unsqueeze, torch.squeeze,
+        torch.permute, torch.transpose, torch.t, torch.narrow, torch.movedim, torch.split, torch.chunk,
+        torch.unbind,
+    }
+)  # fmt: skip
 # Operations whose result shares memory with their input (an in-place update of the input
 # shows through them).
-_VIEWS = {
-    "view",
-    "reshape",
-    "flatten",
-    "unflatten",
-    "unsqueeze",
-    "squeeze",
-    "permute",
-    "transpose",
-    "t",
-    "T",
-    "expand",
-    "expand_as",
-    "view_as",
-    "reshape_as",
-    "narrow",
-    "movedim",
-    "split",
-    "chunk",
-    "unbind",
-    "contiguous",
-    "detach",
-    "diagonal",
-    "select",
-    "as_strided",
-}
-_VIEW_FUNCTIONS = {
-    operator.getitem,
-    torch.reshape,
-    torch.flatten,
-    torch.unsqueeze,
-    torch.squeeze,
-    torch.permute,
-    torch.transpose,
-    torch.narrow,
-    torch.movedim,
-    torch.split,
-    torch.chunk,
-    torch.unbind,
-    torch.t,
-    torch.unflatten,
-    torch.detach,
-    torch.diagonal,
-    torch.select,
-}
+_VIEWS = _SHAPE_METHODS | {"T", "expand_as", "view_as", "reshape_as", "detach", "diagonal", "select", "as_strided"}
+_VIEW_FUNCTIONS = _SHAPE_FUNCTIONS | {torch.detach, torch.diagonal, torch.select}
 
 
 def _is_view(node: fx.Node) -> bool:
@@ -819,48 +791,6 @@ _METHODS: dict[str, Callable] = {
     **_ELEMENTARY,
 }
 # Linear in their first argument, the others constants: applied to every stream.
-_LINEAR_METHODS = {
-    "view",
-    "reshape",
-    "flatten",
-    "unflatten",
-    "unsqueeze",
-    "squeeze",
-    "permute",
-    "transpose",
-    "contiguous",
-    "expand",
-    "narrow",
-    "movedim",
-    "sum",
-    "mean",
-    "split",
-    "chunk",
-    "unbind",
-    "flip",
-    "roll",
-    "repeat",
-    "clone",
-    "t",
-}
-_LINEAR_FUNCTIONS = {
-    operator.getitem,
-    torch.reshape,
-    torch.flatten,
-    torch.unsqueeze,
-    torch.squeeze,
-    torch.permute,
-    torch.transpose,
-    torch.narrow,
-    torch.movedim,
-    torch.sum,
-    torch.mean,
-    torch.split,
-    torch.chunk,
-    torch.unbind,
-    torch.flip,
-    torch.roll,
-    torch.t,
-    torch.unflatten,
-}
+_LINEAR_METHODS = _SHAPE_METHODS | {"sum", "mean", "flip", "roll", "repeat", "clone"}
+_LINEAR_FUNCTIONS = _SHAPE_FUNCTIONS | {torch.sum, torch.mean, torch.flip, torch.roll}
 _IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow, operator.imatmul}

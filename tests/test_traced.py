@@ -665,13 +665,8 @@ class Scaled(ImageDecoder):
         return torch.sigmoid(self.out(torch.tanh(self.hidden(z)))) * self.scale
 
 
-class AliasedView(nn.Module):
+class AliasedView(AliasedOffset):
     """The old value seen through a view taken before the in-place sum."""
-
-    def __init__(self, d=3):
-        super().__init__()
-        self.fc = nn.Linear(d, 5)
-        self.register_buffer("offset", torch.zeros(5))
 
     def forward(self, z):
         h = torch.tanh(self.fc(z))
