@@ -296,7 +296,7 @@ class _CompactFunction:
         return F.linear(head, factor)
 
     def _from_output(self, out: Tensor | Jet, state: dict[str, Tensor], factor: Tensor) -> Tensor | Jet:
-        """``R h = R^{-T} W^T (f - b)`` from the whole module's output ``f`` (or its jet):
+        """``R h = Q^T (f - b)`` from the whole module's output ``f`` (or its jet):
         where a traced ``forward`` no longer gives ``h`` (its values differ from the
         module's), the compact output at the cost of the full one."""
         weight, bias = state[f"{self.last.name}.weight"], state.get(f"{self.last.name}.bias")

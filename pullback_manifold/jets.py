@@ -424,7 +424,7 @@ def propagate(fn, jet: Jet) -> Jet:
     if isinstance(fn, nn.Module):
         from .traced import new_epoch
 
-        new_epoch()  # a public call: a traced forward is compared with the module again
+        new_epoch()  # a public call: traces that may alias have their values checked again
         with module_lock():
             state = dict(fn.named_parameters(remove_duplicate=False))  # every name of a tied weight
             state.update(fn.named_buffers(remove_duplicate=False))
