@@ -323,12 +323,17 @@ _WITH_PARAMETERS = {
 # and the geometry sets eval mode on the module itself: two threads sharing a module (or a
 # submodule), one in float32 and one in float64, would run on each other's parameters.
 _MODULE_LOCK = threading.RLock()
+# Outermost acquisitions of the lock so far, and this thread's nesting depth in it: nothing
+# that the lock guards changes during one outermost hold (see lock_hold).
+_HOLDS = [0]
+_DEPTH = threading.local()
 
 
 def _new_module_lock() -> None:
     # A process forked while another thread held the lock would wait for it forever.
-    global _MODULE_LOCK
+    global _MODULE_LOCK, _DEPTH
     _MODULE_LOCK = threading.RLock()
+    _DEPTH = threading.local()
 
 
 if hasattr(os, "register_at_fork"):
@@ -340,7 +345,21 @@ def module_lock():
     """Held while modules run with swapped-in tensors, read their parameters or set their
     mode: one thread at a time, process-wide (re-entrant)."""
     with _MODULE_LOCK:
-        yield
+        depth = getattr(_DEPTH, "value", 0)
+        if depth == 0:
+            _HOLDS[0] += 1
+        _DEPTH.value = depth + 1
+        try:
+            yield
+        finally:
+            _DEPTH.value = depth
+
+
+def lock_hold() -> int:
+    """The number of the current outermost hold of :func:`module_lock` (call while holding
+    it): a module's attributes checked in this hold need no second check in it (one decoder
+    pass checks its traced ``forward`` once, see :mod:`~pullback_manifold.traced`)."""
+    return _HOLDS[0]
 
 
 def has_hooks(module: nn.Module) -> bool:

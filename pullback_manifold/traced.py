@@ -219,6 +219,7 @@ class _Entry:
     def __init__(self, module: nn.Module, fingerprint: tuple, graph: fx.GraphModule | None, traces: int):
         self.fingerprint, self.graph, self.traces = fingerprint, graph, traces
         self.uses = 0
+        self.hold = -1  # the module-lock hold it was last checked in
         self.checked: list[tuple] = []
         self.errors = 0
         self.output_layer: _Split | None | bool = False  # False: not looked for yet
@@ -238,10 +239,16 @@ _MAX_ERRORS = 3
 
 
 def _entry(module: nn.Module) -> _Entry:
+    """The module's trace, checked against its attributes once per hold of the module lock
+    (a metric pass finds the output layer, then runs the trace: one check)."""
     cached = _GRAPHS.get(module)
+    hold = jets.lock_hold()
+    if cached is not None and cached.hold == hold:
+        return cached
     fingerprint = _fingerprint(module)
     if cached is not None and cached.fingerprint == fingerprint:
         cached.uses += 1
+        cached.hold = hold
         return cached
     if cached is not None and cached.traces >= _MAX_TRACES:
         cached.fingerprint, cached.graph = fingerprint, None  # left to torch.func for good
@@ -260,6 +267,7 @@ def _entry(module: nn.Module) -> _Entry:
         except Exception:  # noqa: BLE001 -- any failure to trace means the torch.func path
             graph = None
     entry = _GRAPHS[module] = _Entry(module, fingerprint, graph, traces)
+    entry.hold = hold
     return entry
 
 
