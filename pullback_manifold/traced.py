@@ -24,8 +24,8 @@ functions: ``forward`` may read them); this is compared at every decoder pass. T
 ``h = h + x``, which computes something else where another name still holds the
 old ``h``: so the traced values are compared with the module's own output at the
 first call with each set of parameters and buffers (each cast, each in-place
-update), and, for a trace where that can happen (the old ``h`` used after the
-sum), at every public call (a write through ``.data`` changes no version); a
+update), and, for a trace where that can happen (the old ``h``, or anything computed
+from it before the sum, used after it), at every public call (a write through ``.data`` changes no version); a
 module whose values differ is differentiated by ``torch.func``.
 
 A trace that ends in a widening ``nn.Linear`` (reshaped at most; or an
@@ -143,35 +143,10 @@ _AUGMENTED = {
 }
 
 
-# Reshaping, indexing and splitting: linear in their first argument, and their result
-# shares memory with it.
-_SHAPE_METHODS = frozenset(
-    {
-        "view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "permute", "transpose", "t",
-        "expand", "narrow", "movedim", "split", "chunk", "unbind", "contiguous",
-    }
-)  # fmt: skip
-_SHAPE_FUNCTIONS = frozenset(
-    {
-        operator.getitem, torch.reshape, torch.flatten, torch.unflatten, torch.unsqueeze, torch.squeeze,
-        torch.permute, torch.transpose, torch.t, torch.narrow, torch.movedim, torch.split, torch.chunk,
-        torch.unbind,
-    }
-)  # fmt: skip
-# Operations whose result shares memory with their input (an in-place update of the input
-# shows through them).
-_VIEWS = _SHAPE_METHODS | {"T", "expand_as", "view_as", "reshape_as", "detach", "diagonal", "select", "as_strided"}
-_VIEW_FUNCTIONS = _SHAPE_FUNCTIONS | {torch.detach, torch.diagonal, torch.select}
-
-
-def _is_view(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _VIEWS
-    return node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or node.target is getattr)
-
-
 def _later_use(graph: fx.Graph, order: dict, old: fx.Node, after: fx.Node) -> bool:
-    """Whether ``old``, or a view of it taken before ``after``, is used after ``after``."""
+    """Whether ``old``, or anything computed from it before ``after``, is used after ``after``.
+    Any such result counts, not only views (whose list would never be complete: ``swapaxes``,
+    ``unfold``, ...): a result that copies only costs a needless value check."""
     pending, seen = [old], set()
     while pending:
         node = pending.pop()
@@ -183,8 +158,7 @@ def _later_use(graph: fx.Graph, order: dict, old: fx.Node, after: fx.Node) -> bo
                 continue
             if order[user] > order[after]:
                 return True
-            if _is_view(user) and user.args and user.args[0] is node:
-                pending.append(user)
+            pending.append(user)
     return False
 
 
@@ -193,7 +167,8 @@ def _may_alias(module: nn.Module, graph: fx.Graph) -> bool | None:
     ``h = h + x``, and a later use of the old ``h`` (under another name, or through a view
     taken before) would see the increment in the module, not in the trace. A trace without
     such a later use computes what the module does; one with it (also plain ``y = h + x``
-    followed by a use of ``h``) has its values checked at every public call. None: a
+    followed by a use of ``h`` or of something computed from it before) has its values
+    checked at every public call. None: a
     submodule that may update its input in place (``nn.ReLU(inplace=True)``, or a
     Sequential holding one) has its input used after it: the trace is not used."""
     order = {node: index for index, node in enumerate(graph.nodes)}
@@ -244,6 +219,7 @@ def _entry(module: nn.Module) -> _Entry:
     cached = _GRAPHS.get(module)
     hold = jets.lock_hold()
     if cached is not None and cached.hold == hold:
+        cached.uses += 1
         return cached
     fingerprint = _fingerprint(module)
     if cached is not None and cached.fingerprint == fingerprint:
@@ -799,6 +775,18 @@ _METHODS: dict[str, Callable] = {
     **_ELEMENTARY,
 }
 # Linear in their first argument, the others constants: applied to every stream.
-_LINEAR_METHODS = _SHAPE_METHODS | {"sum", "mean", "flip", "roll", "repeat", "clone"}
-_LINEAR_FUNCTIONS = _SHAPE_FUNCTIONS | {torch.sum, torch.mean, torch.flip, torch.roll}
+_LINEAR_METHODS = frozenset(
+    {
+        "view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "permute", "transpose", "t",
+        "expand", "narrow", "movedim", "split", "chunk", "unbind", "contiguous", "sum", "mean", "flip",
+        "roll", "repeat", "clone",
+    }
+)  # fmt: skip
+_LINEAR_FUNCTIONS = frozenset(
+    {
+        operator.getitem, torch.reshape, torch.flatten, torch.unflatten, torch.unsqueeze, torch.squeeze,
+        torch.permute, torch.transpose, torch.t, torch.narrow, torch.movedim, torch.split, torch.chunk,
+        torch.unbind, torch.sum, torch.mean, torch.flip, torch.roll,
+    }
+)  # fmt: skip
 _IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow, operator.imatmul}

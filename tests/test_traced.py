@@ -758,3 +758,40 @@ def test_a_deterministic_decoder_returning_a_pair_says_to_use_a_gaussian_decoder
     decoder.prepare(F64, z.device)
     with pytest.raises(TypeError, match="GaussianDecoder"):
         embedding_jet(decoder, z, torch.eye(3, dtype=F64)[:, None].expand(3, 4, 3))
+
+
+# ------------------------------------------------------------------ fourth review's regressions
+class AliasedSwap(AliasedOffset):
+    """The old value seen through a view (swapaxes) that no list of views named."""
+
+    def forward(self, z):
+        h = torch.tanh(self.fc(z))
+        g = h.swapaxes(0, 1).swapaxes(0, 1)
+        h += self.offset
+        return g * h
+
+
+def test_anything_computed_from_an_updated_value_counts_as_a_later_use():
+    torch.manual_seed(0)
+    z = torch.randn(6, 3, dtype=F64)
+    net = AliasedSwap().double()
+    space = PullbackManifold(net, dim=3)
+    assert _metric_error(net, z, space) < 1e-12
+    net.offset.data.fill_(0.5)
+    assert _metric_error(net, z, space) < 1e-12
+
+
+def test_a_trace_used_twice_per_setting_is_kept():
+    """An attribute changed between every two metric passes: traced again each time, not
+    abandoned (a check skipped within a lock hold still counts as a use)."""
+    from pullback_manifold import traced
+
+    torch.manual_seed(0)
+    net = Scaled().double()
+    space = PullbackManifold(net, dim=3)
+    z = torch.randn(4, 3, dtype=F64)
+    for value in range(12):
+        net.scale = 1.0 + value
+        for _ in range(2):
+            space.metric.metric_matrix(z)
+    assert traced._GRAPHS[net].graph is not None
