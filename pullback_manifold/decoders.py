@@ -679,6 +679,25 @@ class MetricDecoder(Decoder):
             Symmetric positive (semi-)definite.
         """
 
+    def metric_and_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The metric and its partial derivatives, for the geodesic equation.
+
+        By ``torch.func`` JVPs of :meth:`metric` along the coordinate directions;
+        a subclass with closed-form derivatives overrides it.
+
+        Parameters
+        ----------
+        z : Tensor, shape=[n, d]
+
+        Returns
+        -------
+        G : Tensor, shape=[n, d, d]
+        dG : Tensor, shape=[d, n, d, d]
+            ``dG[a] = dG / dz_a``.
+        """
+        basis = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)[:, None, :].expand(z.shape[-1], *z.shape)
+        return torch.func.vmap(lambda t: torch.func.jvp(self.metric, (z,), (t,)), out_dims=(None, 0))(basis)
+
 
 def casts_to_input(embed) -> bool:
     """Whether ``embed`` (a decoder, or a map the geometry made from one) runs in the dtype of

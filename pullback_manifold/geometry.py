@@ -114,6 +114,10 @@ class _RegularizedMetric(MetricDecoder):
     def metric(self, z: Tensor) -> Tensor:
         return self.decoder.metric(z) + self.eps * torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
 
+    def metric_and_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        G, dG = self.decoder.metric_and_derivatives(z)  # the constant eps I has no derivative
+        return G + self.eps * torch.eye(z.shape[-1], dtype=z.dtype, device=z.device), dG
+
 
 def regularized(embed: Embedding, eps: float) -> Embedding:
     """An embedding whose metric is that of ``embed`` plus ``eps I`` (``embed`` itself if ``eps == 0``)."""
@@ -177,7 +181,8 @@ def metric_derivative(embed: Embedding, z: Tensor) -> Tensor:
     """Derivative of the metric, ``dG[..., i, j, k] = d_k G_ij`` (derivation index last).
 
     Computed by forward-mode autodiff of :func:`metric_matrix` (the
-    regularizer is constant and drops out).
+    regularizer is constant and drops out); for a metric given directly, by
+    :meth:`~pullback_manifold.decoders.MetricDecoder.metric_and_derivatives`.
 
     Parameters
     ----------
@@ -188,6 +193,8 @@ def metric_derivative(embed: Embedding, z: Tensor) -> Tensor:
     -------
     dG : Tensor, shape=[n, d, d, d]
     """
+    if isinstance(embed, MetricDecoder):
+        return embed.metric_and_derivatives(z)[1].permute(1, 2, 3, 0)
     dG = _directional_derivatives(lambda x: metric_matrix(embed, x), z, _basis(z))
     return dG.permute(1, 2, 3, 0)
 
@@ -302,23 +309,22 @@ def connection(embed: Embedding, z: Tensor, v: Tensor, w: Tensor, regularization
     """
     n, d = z.shape
     if isinstance(embed, MetricDecoder):
-        tangents = torch.cat([_basis(z), v[None], w[None]], dim=0)
-        G, dGs = vmap(lambda t: jvp(embed.metric, (z,), (t,)), out_dims=(None, 0))(tangents)
-        gradient = torch.einsum("ni,knij,nj->nk", v, dGs[:d], w)  # d_k (v^T G w)
-        koszul = (dGs[d] @ w.unsqueeze(-1) + dGs[d + 1] @ v.unsqueeze(-1)).squeeze(-1) - gradient
-        return _solve_spd(_regularize(G, regularization), 0.5 * koszul)
+        G, dGs = embed.metric_and_derivatives(z)  # (n, d, d), (d, n, d, d)
+        gradient = torch.einsum("ni,knij,nj->nk", v, dGs, w)  # d_k (v^T G w)
+        dG_v_w = torch.einsum("kn,knij,nj->ni", v.T, dGs, w)  # dG[v] w
+        dG_w_v = torch.einsum("kn,knij,nj->ni", w.T, dGs, v)  # dG[w] v
+        return _solve_spd(_regularize(G, regularization), 0.5 * (dG_v_w + dG_w_v - gradient))
     gram = embedding_gram(embed, z, torch.cat([_basis(z), v[None], w[None]], dim=0), pair=(d, d + 1))
     G = _regularize(gram[:, :d, :d], regularization)
     return _solve_spd(G, gram[:, :d, d + 2])
 
 
 def _metric_field_acceleration(field: MetricDecoder, z: Tensor, v: Tensor, regularization: float) -> Tensor:
-    r"""``-Gamma(v, v) = -G^{-1} (dG[v] v - 1/2 grad_z (v^T G v))`` from ``d + 1`` JVPs of ``G``."""
-    tangents = torch.cat([_basis(z), v[None]], dim=0)
-    G, dGs = vmap(lambda t: jvp(field.metric, (z,), (t,)), out_dims=(None, 0))(tangents)
-    d = z.shape[-1]
-    along_v = (dGs[d] @ v.unsqueeze(-1)).squeeze(-1)  # dG[v] v
-    gradient = torch.einsum("kni,knij,nj->nk", v.expand(d, *v.shape), dGs[:d], v)  # d_k (v^T G v)
+    r"""``-Gamma(v, v) = -G^{-1} (dG[v] v - 1/2 grad_z (v^T G v))`` from the partial derivatives
+    of ``G`` (:meth:`~pullback_manifold.decoders.MetricDecoder.metric_and_derivatives`)."""
+    G, dGs = field.metric_and_derivatives(z)  # (n, d, d), (d, n, d, d)
+    along_v = torch.einsum("kn,knij,nj->ni", v.T, dGs, v)  # dG[v] v, dG[v] = sum_k v_k dG[k]
+    gradient = torch.einsum("ni,knij,nj->nk", v, dGs, v)  # d_k (v^T G v)
     return -_solve_spd(_regularize(G, regularization), along_v - 0.5 * gradient)
 
 

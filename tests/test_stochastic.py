@@ -195,6 +195,40 @@ def test_gp_expected_metric_matches_monte_carlo_of_sampled_functions(gp):
             assert ((without_cov - mc).abs() > 4 * se).any()
 
 
+def test_gp_closed_form_metric_derivatives_equal_those_of_forward_mode_autodiff(gp):
+    """GaussianProcessDecoder.metric_and_derivatives (closed form) against MetricDecoder's
+    JVPs of metric(), for the fitted ARD GP and an isotropic one; and the geometry built on
+    them (acceleration, connection, dG) against the JVP formulas."""
+    from pullback_manifold.decoders import MetricDecoder
+    from pullback_manifold.geometry import connection, geodesic_acceleration, metric_derivative
+
+    torch.manual_seed(3)
+    isotropic = GaussianProcessDecoder(gp.inputs, gp.outputs, lengthscale=0.9, signal_variance=1.3)
+    for decoder in (gp, isotropic):
+        z = 1.5 * torch.randn(25, 2, dtype=torch.float64)
+        v, w = torch.randn(2, 25, 2, dtype=torch.float64)
+        decoder.prepare(torch.float64, z.device)
+        G, dG = decoder.metric_and_derivatives(z)
+        G_ref, dG_ref = MetricDecoder.metric_and_derivatives(decoder, z)
+        torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(dG, dG_ref, rtol=1e-10, atol=1e-12 * dG_ref.abs().max().item())
+
+        class ByJVP(MetricDecoder):  # the same metric, differentiated by torch.func
+            def _embed(self, x):
+                return decoder.embed(x)
+
+            def metric(self, x):
+                return decoder.metric(x)
+
+        reference = ByJVP()
+        for fast, slow in [
+            (geodesic_acceleration(decoder, z, v), geodesic_acceleration(reference, z, v)),
+            (connection(decoder, z, v, w), connection(reference, z, v, w)),
+            (metric_derivative(decoder, z), metric_derivative(reference, z)),
+        ]:
+            torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12 * slow.abs().max().item())
+
+
 def test_gp_jacobian_covariance_is_psd_and_grows_away_from_the_data(gp):
     # rays from training inputs on the ring (radius ~1.5) outwards, to 6x the ring's radius
     scales = torch.tensor([1.0, 1.5, 2.0, 3.0, 6.0], dtype=F64)
