@@ -683,7 +683,8 @@ class MetricDecoder(Decoder):
         """The metric and its partial derivatives, for the geodesic equation.
 
         By ``torch.func`` JVPs of :meth:`metric` along the coordinate directions;
-        a subclass with closed-form derivatives overrides it.
+        a subclass with closed-form derivatives overrides it (and must keep this
+        layout: the derivation index first).
 
         Parameters
         ----------

@@ -290,6 +290,7 @@ class GaussianProcessDecoder(MetricDecoder):
         ``d_b E[J]`` and ``d_b Sigma_J = -(C_b B^T + B C_b^T)`` (``B = dk L^{-T}``,
         ``C_b = d_b dk L^{-T}``) come from the kernel's first and second derivatives,
         without differentiating :meth:`metric` by ``torch.func`` (several times slower).
+        A subclass that redefines :meth:`metric` gets the JVPs of its own metric.
 
         Parameters
         ----------
@@ -301,6 +302,8 @@ class GaussianProcessDecoder(MetricDecoder):
         dG : Tensor, shape=[d, n, d, d]
             ``dG[a] = dG / dz_a``.
         """
+        if type(self).metric is not GaussianProcessDecoder.metric:
+            return super().metric_and_derivatives(z)
         z64 = z.to(_F64)
         c = self._constants(z.device)
         k = self._kernel(z64, c.inputs, c.inv_sq_ell)  # (m, n)

@@ -227,6 +227,27 @@ def test_gp_closed_form_metric_derivatives_equal_those_of_forward_mode_autodiff(
             (metric_derivative(decoder, z), metric_derivative(reference, z)),
         ]:
             torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12 * slow.abs().max().item())
+    # d = 1 and 3, at the training inputs too, and float32 points
+    for d in (1, 3):
+        X = torch.randn(12, d, dtype=F64)
+        decoder = GaussianProcessDecoder(X, torch.randn(12, 3, dtype=F64), lengthscale=torch.rand(d, dtype=F64) + 0.5)
+        z = torch.cat([X[:3], torch.randn(4, d, dtype=F64)])
+        decoder.prepare(torch.float64, z.device)
+        G, dG = decoder.metric_and_derivatives(z)
+        G_ref, dG_ref = MetricDecoder.metric_and_derivatives(decoder, z)
+        torch.testing.assert_close(dG, dG_ref, rtol=1e-10, atol=1e-12 * dG_ref.abs().max().item())
+        G32, dG32 = decoder.metric_and_derivatives(z.float())
+        assert G32.dtype == dG32.dtype == torch.float32 and dG32.shape == (d, 7, d, d)
+
+    class MeanOnly(GaussianProcessDecoder):  # a subclass with its own metric: differentiated by JVPs
+        def metric(self, x):
+            mean_J, _ = self.jacobian_mean_and_covariance(x)
+            return mean_J.transpose(-1, -2) @ mean_J + 1e-3 * torch.eye(x.shape[-1], dtype=x.dtype)
+
+    mean_only = MeanOnly(gp.inputs, gp.outputs)
+    z = torch.randn(5, 2, dtype=F64)
+    G, dG = mean_only.metric_and_derivatives(z)
+    torch.testing.assert_close(G, mean_only.metric(z), rtol=1e-12, atol=1e-14)
 
 
 def test_gp_jacobian_covariance_is_psd_and_grows_away_from_the_data(gp):
