@@ -187,12 +187,18 @@ class GaussianProcessDecoder(MetricDecoder):
     def _kernel(self, a: Tensor, b: Tensor, inv_sq_ell: Tensor) -> Tensor:
         return self.signal_variance * torch.exp(-0.5 * _sq_dists(a, b, inv_sq_ell))
 
-    def _kernel_grad(self, z: Tensor, c: _Constants) -> tuple[Tensor, Tensor]:
-        """``k(z, X)`` ``(m, n)`` and its gradient in ``z``, ``dk[m, i, n] = d k(z_m, X_n) / d z_i``."""
+    def _kernel_grad(self, z: Tensor, c: _Constants, second: bool = False) -> tuple[Tensor, ...]:
+        """``k(z, X)`` ``(m, n)`` and its gradient in ``z``, ``dk[m, i, n] = d k(z_m, X_n) / d z_i``;
+        with ``second``, also ``ddk[m, b, a, n] = d_b d_a k(z_m, X_n)``
+        ``= (lambda_a lambda_b r_a r_b - delta_ab lambda_a) k`` (``r = z_m - X_n``, ``lambda = 1 / l^2``)."""
         k = self._kernel(z, c.inputs, c.inv_sq_ell)
-        diff = z.unsqueeze(-2) - c.inputs  # (m, n, d)
-        dk = -(diff * c.inv_sq_ell).transpose(-1, -2) * k.unsqueeze(-2)
-        return k, dk
+        scaled = (z.unsqueeze(-2) - c.inputs) * c.inv_sq_ell  # lambda_a r_a, (m, n, d)
+        dk = -scaled.transpose(-1, -2) * k.unsqueeze(-2)
+        if not second:
+            return k, dk
+        ddk = torch.einsum("mnb,mna,mn->mban", scaled, scaled, k)
+        ddk = ddk - torch.diag(c.inv_sq_ell)[None, :, :, None] * k[:, None, None, :]
+        return k, dk, ddk
 
     # ---------------------------------------------------------- posterior
     def _posterior_mean64(self, z: Tensor) -> Tensor:
@@ -242,11 +248,15 @@ class GaussianProcessDecoder(MetricDecoder):
     def _jacobian_moments64(self, z: Tensor) -> tuple[Tensor, Tensor]:
         c = self._constants(z.device)
         _, dk = self._kernel_grad(z, c)  # (m, d, n)
-        mean_J = (dk @ c.alpha).transpose(-1, -2)  # (m, D, d)
-        B = dk @ c.chol_inv.T  # (m, d, n): rows L^{-1} dk(X, z)
+        mean, _, cov_J = self._moments(dk, c)
+        return mean.transpose(-1, -2), cov_J
+
+    def _moments(self, dk: Tensor, c: _Constants) -> tuple[Tensor, Tensor, Tensor]:
+        """``E[J]^T`` ``(m, d, D)``, ``B = dk L^{-T}`` ``(m, d, n)`` (rows ``L^{-1} dk(X, z)``)
+        and ``Sigma_J = prior - B B^T`` ``(m, d, d)`` from the kernel gradient ``dk``."""
+        B = dk @ c.chol_inv.T
         prior = self.signal_variance * torch.diag(c.inv_sq_ell)
-        cov_J = prior - B @ B.transpose(-1, -2)
-        return mean_J, cov_J
+        return dk @ c.alpha, B, prior - B @ B.transpose(-1, -2)
 
     def jacobian_mean_and_covariance(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Mean of the Jacobian and the covariance shared by its rows.
@@ -304,20 +314,13 @@ class GaussianProcessDecoder(MetricDecoder):
         """
         if type(self).metric is not GaussianProcessDecoder.metric:
             return super().metric_and_derivatives(z)
-        z64 = z.to(_F64)
         c = self._constants(z.device)
-        k = self._kernel(z64, c.inputs, c.inv_sq_ell)  # (m, n)
-        scaled = (z64.unsqueeze(-2) - c.inputs) * c.inv_sq_ell  # lambda_a r_ia, (m, n, d)
-        dk = -(scaled * k.unsqueeze(-1)).transpose(-1, -2)  # (m, d, n)
-        ddk = torch.einsum("mnb,mna,mn->mban", scaled, scaled, k)
-        ddk = ddk - torch.diag(c.inv_sq_ell)[None, :, :, None] * k[:, None, None, :]  # (m, b, a, n)
-        mean = dk @ c.alpha  # E[J]^T, (m, d, D)
+        _, dk, ddk = self._kernel_grad(z.to(_F64), c, second=True)  # (m, d, n), (m, b, d, n)
+        mean, B, cov_J = self._moments(dk, c)  # E[J]^T (m, d, D), (m, d, n), (m, d, d)
         d_mean = ddk @ c.alpha  # (m, b, d, D)
-        B = dk @ c.chol_inv.T  # (m, d, n)
         C = ddk @ c.chol_inv.T  # (m, b, d, n)
         n_outputs = self.outputs.shape[1]
-        prior = self.signal_variance * torch.diag(c.inv_sq_ell)
-        G = mean @ mean.transpose(-1, -2) + n_outputs * (prior - B @ B.transpose(-1, -2))
+        G = mean @ mean.transpose(-1, -2) + n_outputs * cov_J
         mean_b, B_b = mean.unsqueeze(1), B.unsqueeze(1)
         dG = d_mean @ mean_b.transpose(-1, -2) + mean_b @ d_mean.transpose(-1, -2)
         dG = dG - n_outputs * (C @ B_b.transpose(-1, -2) + B_b @ C.transpose(-1, -2))

@@ -309,23 +309,25 @@ def connection(embed: Embedding, z: Tensor, v: Tensor, w: Tensor, regularization
     """
     n, d = z.shape
     if isinstance(embed, MetricDecoder):
-        G, dGs = embed.metric_and_derivatives(z)  # (n, d, d), (d, n, d, d)
-        gradient = torch.einsum("ni,knij,nj->nk", v, dGs, w)  # d_k (v^T G w)
-        dG_v_w = torch.einsum("kn,knij,nj->ni", v.T, dGs, w)  # dG[v] w
-        dG_w_v = torch.einsum("kn,knij,nj->ni", w.T, dGs, v)  # dG[w] v
-        return _solve_spd(_regularize(G, regularization), 0.5 * (dG_v_w + dG_w_v - gradient))
+        return _metric_field_connection(embed, z, v, w, regularization)
     gram = embedding_gram(embed, z, torch.cat([_basis(z), v[None], w[None]], dim=0), pair=(d, d + 1))
     G = _regularize(gram[:, :d, :d], regularization)
     return _solve_spd(G, gram[:, :d, d + 2])
 
 
-def _metric_field_acceleration(field: MetricDecoder, z: Tensor, v: Tensor, regularization: float) -> Tensor:
-    r"""``-Gamma(v, v) = -G^{-1} (dG[v] v - 1/2 grad_z (v^T G v))`` from the partial derivatives
-    of ``G`` (:meth:`~pullback_manifold.decoders.MetricDecoder.metric_and_derivatives`)."""
+def _metric_field_connection(field: MetricDecoder, z: Tensor, v: Tensor, w: Tensor, regularization: float) -> Tensor:
+    r"""``Gamma(v, w) = 1/2 G^{-1} (dG[v] w + dG[w] v - grad_z (v^T G w))`` (Koszul) from the
+    partial derivatives of ``G`` (:meth:`~pullback_manifold.decoders.MetricDecoder.metric_and_derivatives`)."""
     G, dGs = field.metric_and_derivatives(z)  # (n, d, d), (d, n, d, d)
-    along_v = torch.einsum("kn,knij,nj->ni", v.T, dGs, v)  # dG[v] v, dG[v] = sum_k v_k dG[k]
-    gradient = torch.einsum("ni,knij,nj->nk", v, dGs, v)  # d_k (v^T G v)
-    return -_solve_spd(_regularize(G, regularization), along_v - 0.5 * gradient)
+    gradient = torch.einsum("ni,knij,nj->nk", v, dGs, w)  # d_k (v^T G w)
+    dG_v_w = torch.einsum("kn,knij,nj->ni", v.T, dGs, w)  # dG[v] w, dG[v] = sum_k v_k dG[k]
+    dG_w_v = torch.einsum("kn,knij,nj->ni", w.T, dGs, v)  # dG[w] v
+    return _solve_spd(_regularize(G, regularization), 0.5 * (dG_v_w + dG_w_v - gradient))
+
+
+def _metric_field_acceleration(field: MetricDecoder, z: Tensor, v: Tensor, regularization: float) -> Tensor:
+    r"""``-Gamma(v, v)``: the geodesic equation of a metric given directly."""
+    return -_metric_field_connection(field, z, v, v, regularization)
 
 
 def _squared_speeds(embed: Embedding, curve: Tensor) -> Tensor:

@@ -445,9 +445,14 @@ def _has_jet(tree) -> bool:
     return False
 
 
+def _invoke(op: str, target, args, kwargs):
+    """The operation of a call_function or call_method node, on these arguments."""
+    return target(*args, **kwargs) if op == "call_function" else getattr(args[0], target)(*args[1:], **kwargs)
+
+
 def _call(op: str, target, args, kwargs):
     if not _has_jet((args, kwargs)):  # constants: computed as they are
-        return target(*args, **kwargs) if op == "call_function" else getattr(args[0], target)(*args[1:], **kwargs)
+        return _invoke(op, target, args, kwargs)
     if kwargs.get("inplace") or _in_place(op, target):
         raise _Unsupported(f"in-place {target}")  # aliasing that the jets would not follow
     if target is operator.getitem and isinstance(args[0], (tuple, list)):
@@ -463,7 +468,7 @@ def _call(op: str, target, args, kwargs):
         def fn(x):
             call = list(args)
             call[index] = x
-            return target(*call, **kwargs) if op == "call_function" else getattr(call[0], target)(*call[1:], **kwargs)
+            return _invoke(op, target, call, kwargs)
 
         return jets.generic(fn, args[index])
     raise _Unsupported(f"{target} of several jets")
@@ -472,7 +477,8 @@ def _call(op: str, target, args, kwargs):
 def _in_place(op: str, target) -> bool:
     """``h.add_(x)``, ``torch.sigmoid_(h)``, ``F.elu_(h)``: torch's trailing underscore."""
     name = target if op == "call_method" else getattr(target, "__name__", "")
-    return (isinstance(name, str) and name.endswith("_") and not name.startswith("__")) or target in _IN_PLACE
+    # (``h += x`` is not one: fx records it as ``h + x``, see :func:`_may_alias`.)
+    return isinstance(name, str) and name.endswith("_") and not name.startswith("__")
 
 
 def _by_rule(op: str, target, args, kwargs):
@@ -495,10 +501,8 @@ def _by_rule(op: str, target, args, kwargs):
         return _linear_op(lambda x: getattr(x, target)(other), first)
     if _has_jet(rest):
         return None
-    if op == "call_method" and target in _LINEAR_METHODS:
-        return _linear_op(lambda x: getattr(x, target)(*args[1:], **kwargs), first)
-    if op == "call_function" and target in _LINEAR_FUNCTIONS:
-        return _linear_op(lambda x: target(x, *args[1:], **kwargs), first)
+    if target in (_LINEAR_METHODS if op == "call_method" else _LINEAR_FUNCTIONS):
+        return _linear_op(lambda x: _invoke(op, target, (x, *args[1:]), kwargs), first)
     return None
 
 
@@ -789,4 +793,3 @@ _LINEAR_FUNCTIONS = frozenset(
         torch.unbind, torch.sum, torch.mean, torch.flip, torch.roll,
     }
 )  # fmt: skip
-_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow, operator.imatmul}
