@@ -321,7 +321,7 @@ def _metric_field_connection(field: MetricDecoder, z: Tensor, v: Tensor, w: Tens
     G, dGs = field.metric_and_derivatives(z)  # (n, d, d), (d, n, d, d)
     gradient = torch.einsum("ni,knij,nj->nk", v, dGs, w)  # d_k (v^T G w)
     dG_v_w = torch.einsum("kn,knij,nj->ni", v.T, dGs, w)  # dG[v] w, dG[v] = sum_k v_k dG[k]
-    dG_w_v = torch.einsum("kn,knij,nj->ni", w.T, dGs, v)  # dG[w] v
+    dG_w_v = dG_v_w if w is v else torch.einsum("kn,knij,nj->ni", w.T, dGs, v)  # dG[w] v (the geodesic equation: v = w)
     return _solve_spd(_regularize(G, regularization), 0.5 * (dG_v_w + dG_w_v - gradient))
 
 
