@@ -699,6 +699,32 @@ class MetricDecoder(Decoder):
         basis = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)[:, None, :].expand(z.shape[-1], *z.shape)
         return torch.func.vmap(lambda t: torch.func.jvp(self.metric, (z,), (t,)), out_dims=(None, 0))(basis)
 
+    def metric_second_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The metric with its first and second partial derivatives, for Newton's method
+        on the energy of a discrete geodesic.
+
+        By ``torch.func`` JVPs of :meth:`metric_and_derivatives` along the
+        coordinate directions; a subclass with closed-form derivatives overrides it
+        (and must keep this layout).
+
+        Parameters
+        ----------
+        z : Tensor, shape=[n, d]
+
+        Returns
+        -------
+        G : Tensor, shape=[n, d, d]
+        dG : Tensor, shape=[d, n, d, d]
+            ``dG[a] = dG / dz_a``.
+        ddG : Tensor, shape=[d, d, n, d, d]
+            ``ddG[b, a] = d^2 G / dz_b dz_a``.
+        """
+        basis = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)[:, None, :].expand(z.shape[-1], *z.shape)
+        (G, dG), (_, ddG) = torch.func.vmap(
+            lambda t: torch.func.jvp(self.metric_and_derivatives, (z,), (t,)), out_dims=((None, None), 0)
+        )(basis)
+        return G, dG, ddG
+
 
 def casts_to_input(embed) -> bool:
     """Whether ``embed`` (a decoder, or a map the geometry made from one) runs in the dtype of

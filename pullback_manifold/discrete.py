@@ -23,8 +23,11 @@ nodes (``O(1/N^4)``, an upper bound), checked against the Richardson-extrapolate
 chord length, and the estimated discretization error, which decides convergence.
 
 For a :class:`~pullback_manifold.decoders.MetricDecoder` (the metric is not a
-pull-back through one map) the energy uses ``G`` at segment midpoints and is
-minimized by L-BFGS, then Gauss-Newton steps with ``G``'s block-tridiagonal matrix.
+pull-back through one map) the energy uses ``G`` at segment midpoints,
+``E = N/2 sum_k (c_{k+1} - c_k)^T G(m_k) (c_{k+1} - c_k)``, and is minimized by the
+same damped Newton method with its exact block-tridiagonal Hessian (from ``G``,
+``dG`` and ``d^2 G`` at the midpoints) for ``d <= 4``; above, by L-BFGS, then
+Gauss-Newton steps with ``G``'s block-tridiagonal matrix.
 """
 
 from __future__ import annotations
@@ -149,6 +152,39 @@ def _symmetric_blocks(values: Tensor, d: int) -> Tensor:
     return blocks
 
 
+def _metric_field_newton_terms(embed: MetricDecoder, curve: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Gradient ``(n, m, d)`` and exact Hessian blocks (diagonal ``(n, m, d, d)``, coupling
+    ``(n, m - 1, d, d)``) at the ``m = N - 1`` interior nodes of the midpoint-rule energy
+    ``E = N/2 sum_k D_k^T G(M_k) D_k`` of metric-field polygons ``(n, N + 1, d)``
+    (``D_k = c_{k+1} - c_k``, ``M_k`` the midpoint), from ``G``, ``dG`` and ``d^2 G`` at
+    the midpoints (:meth:`MetricDecoder.metric_second_derivatives`, chunked).
+
+    Per segment, with ``p = N G D``, ``r_a = N/2 D^T d_a G D``, ``C_ia = (d_a G D)_i`` and
+    ``S_ab = D^T d_a d_b G D``: the gradient is ``-p + r/2`` at its first node and
+    ``p + r/2`` at its second; the Hessian blocks are ``N G \mp N/2 (C + C^T) + N/8 S``
+    (first node, second node) and ``-N G - N/2 C + N/2 C^T + N/8 S`` between them."""
+    n, k, d = curve.shape
+    N = k - 1
+    steps = curve[:, 1:] - curve[:, :-1]  # (n, N, d)
+    midpoints = (0.5 * (curve[:, 1:] + curve[:, :-1])).reshape(-1, d)
+    parts = [embed.metric_second_derivatives(chunk) for chunk in midpoints.split(_NODE_CHUNK)]
+    G = torch.cat([part[0] for part in parts]).reshape(n, N, d, d)
+    dG = torch.cat([part[1] for part in parts], 1).reshape(d, n, N, d, d)
+    ddG = torch.cat([part[2] for part in parts], 2).reshape(d, d, n, N, d, d)
+    p = N * (G @ steps.unsqueeze(-1)).squeeze(-1)
+    C = torch.einsum("anxij,nxj->nxia", dG, steps)
+    r = 0.5 * N * torch.einsum("nxia,nxi->nxa", C, steps)
+    S = torch.einsum("abnxij,nxi,nxj->nxab", ddG, steps, steps)
+    symmetric = 0.5 * N * (C + C.transpose(-1, -2))
+    shared = N * G + (N / 8) * S
+    first = shared - symmetric  # the segment's block at its first node
+    second = shared + symmetric  # at its second node
+    gradient = (p + 0.5 * r)[:, :-1] + (0.5 * r - p)[:, 1:]
+    diagonal = second[:, :-1] + first[:, 1:]
+    coupling = ((N / 8) * S - N * G + 0.5 * N * (C.transpose(-1, -2) - C))[:, 1:-1]
+    return gradient, diagonal, coupling
+
+
 # The second-order term costs d (d + 1) / 2 more derivative streams per node: worth it
 # for the small latent spaces where Gauss-Newton crawls along sigma walls; above, Gauss-Newton.
 _NEWTON_MAX_DIM = 4
@@ -238,7 +274,9 @@ def newton_derivative_dtype(embed, nodes: Tensor) -> torch.dtype:
 def _gauss_newton(
     embed, curve: Tensor, max_iter: int, xtol: float, derivative_dtype: torch.dtype, known: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Damped Newton (Levenberg-Marquardt) on the polygon energy.
+    """Damped Newton (Levenberg-Marquardt) on the polygon energy: of the decoded
+    polygon, or for a :class:`MetricDecoder` (``d <= 4``) the midpoint-rule energy with
+    its exact Hessian (:func:`_metric_field_newton_terms`; ``decoded`` is then None).
 
     Returns ``(curve, converged (n,), decoded (n, N + 1, D))``, the last the decoded
     nodes. ``known``: the decoded even nodes of ``curve`` ``(n, N / 2 + 1, D)``, when
@@ -271,21 +309,24 @@ def _gauss_newton(
     curve = curve.clone()
     n, k, d = curve.shape
     N, m = k - 1, k - 2
+    field = isinstance(embed, MetricDecoder)  # the midpoint-rule energy; nothing is decoded
     if m == 0:
-        return curve, torch.ones(n, dtype=torch.bool, device=curve.device), _decoded(embed, curve)
+        return curve, torch.ones(n, dtype=torch.bool, device=curve.device), None if field else _decoded(embed, curve)
     scale = 1 + curve.abs().amax((1, 2))
     # Decoded nodes, from the energy evaluations: the residuals in the gradient are their
     # differences, in the curve's dtype whatever the derivatives' (see newton_derivative_dtype).
     # A pair whose last step skipped the energy (``sure`` below) has converged: its entry is
     # ``stale``, not read in the loop, and decoded again at the end.
-    if known is None:
+    if field:
+        decoded = None
+    elif known is None:
         decoded = _decoded(embed, curve)
     else:
         decoded = torch.empty(n, k, known.shape[-1], dtype=known.dtype, device=known.device)
         decoded[:, 0::2] = known
         decoded[:, 1::2] = _decoded(embed, curve[:, 1::2])
     stale = torch.zeros(n, dtype=torch.bool, device=curve.device)
-    energy = _energy(decoded)
+    energy = curve_energy(embed, curve) if field else _energy(decoded)
     damping = torch.full((n,), 1e-6, dtype=curve.dtype, device=curve.device)
     converged = torch.zeros(n, dtype=torch.bool, device=curve.device)
     failed = torch.zeros_like(converged)
@@ -301,22 +342,12 @@ def _gauss_newton(
             break
         c = curve[active]
         na = len(active)
-        # Derivatives at the interior nodes only: the end points are fixed.
-        Jt, second = _node_derivatives(embed, c[:, 1:-1].reshape(-1, d), full_newton, derivative_dtype)
-        D = Jt.shape[-1]
-        inner = Jt.reshape(na, m, d, D)  # J_i^T at the interior nodes
-        values = decoded[active]
-        segments = values[:, 1:] - values[:, :-1]  # (na, N, D)
-        weights = N * (segments[:, :-1] - segments[:, 1:])  # (na, m, D): the gradient at node i is J_i^T weights_i
-        gradient = (inner @ weights.unsqueeze(-1)).squeeze(-1)  # (na, m, d)
-        gram, cross = _gram_blocks(inner)
-        diagonal = (2 * N) * gram  # (na, m, d, d)
-        coupling = -N * cross  # between interior nodes i and i + 1
-        if second is not None:
-            # The second-order part of the Hessian, which Gauss-Newton leaves out:
-            # sum_D weights_i[D] d^2 f_D(node i), from the pairs a <= b of _node_derivatives.
-            curvature = (second.reshape(na, m, -1, D) @ weights.unsqueeze(-1)).squeeze(-1)  # (na, m, P)
-            diagonal = diagonal + _symmetric_blocks(curvature, d)
+        if field:
+            gradient, diagonal, coupling = _metric_field_newton_terms(embed, c)
+        else:
+            gradient, diagonal, coupling = _pullback_newton_terms(
+                embed, c, decoded[active], full_newton, derivative_dtype
+            )
         mean_diag = diagonal.diagonal(dim1=-2, dim2=-1).mean((1, 2)).clamp_min(torch.finfo(c.dtype).tiny)
         eye = torch.eye(d, dtype=c.dtype, device=c.device)
         accepted = torch.zeros(na, dtype=torch.bool, device=c.device)
@@ -354,7 +385,9 @@ def _gauss_newton(
             sure = positive & newton_like & small
             e_trial = e_now.clone()
             evaluate = positive & ~sure  # a matrix that is not positive definite gave no step
-            if evaluate.any():
+            if evaluate.any() and field:
+                e_trial[evaluate] = curve_energy(embed, trial[evaluate])
+            elif evaluate.any():
                 # The end points' values are known: only the interior is decoded.
                 d_trial = decoded[active[todo[evaluate]]]
                 d_trial[:, 1:-1] = _decoded(embed, trial[evaluate][:, 1:-1])
@@ -367,7 +400,7 @@ def _gauss_newton(
             rows = active[todo[ok]]
             curve[rows] = trial[ok]
             energy[rows] = e_trial[ok]
-            if evaluate.any():
+            if evaluate.any() and not field:
                 decoded[active[todo[evaluate & ok]]] = d_trial[ok[evaluate]]
             stale[rows] = sure[ok]  # accepted without a value pass: ``decoded`` is not theirs
             newton_step[rows] = torch.where(undamped[ok], size[ok], torch.inf)
@@ -388,21 +421,52 @@ def _gauss_newton(
                 shape = curve[retry, 1:-1].shape
                 noise = torch.randn(shape, generator=generator, dtype=curve.dtype, device="cpu").to(curve.device)
                 curve[retry, 1:-1] += 1e-6 * scale[retry, None, None] * noise
-                decoded[retry] = _decoded(embed, curve[retry])
-                energy[retry] = _energy(decoded[retry])
+                if field:
+                    energy[retry] = curve_energy(embed, curve[retry])
+                else:
+                    decoded[retry] = _decoded(embed, curve[retry])
+                    energy[retry] = _energy(decoded[retry])
                 stale[retry] = False
                 damping[retry] = 1e-6
                 newton_step[retry] = torch.inf
                 jitters[retry] += 1
-    if stale.any():
+    if stale.any() and not field:
         decoded[stale] = _decoded(embed, curve[stale])
     return curve, converged, decoded
 
 
+def _pullback_newton_terms(
+    embed, curve: Tensor, decoded: Tensor, full_newton: bool, derivative_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradient ``(n, m, d)`` and Hessian blocks (diagonal ``(n, m, d, d)``, coupling
+    ``(n, m - 1, d, d)``) at the ``m`` interior nodes of the decoded-polygon energy of
+    polygons ``(n, N + 1, d)`` whose decoded nodes are ``decoded`` ``(n, N + 1, D)``: the
+    Gauss-Newton part, plus the second-order part with ``full_newton``."""
+    n, k, d = curve.shape
+    N, m = k - 1, k - 2
+    # Derivatives at the interior nodes only: the end points are fixed.
+    Jt, second = _node_derivatives(embed, curve[:, 1:-1].reshape(-1, d), full_newton, derivative_dtype)
+    D = Jt.shape[-1]
+    inner = Jt.reshape(n, m, d, D)  # J_i^T at the interior nodes
+    segments = decoded[:, 1:] - decoded[:, :-1]  # (n, N, D)
+    weights = N * (segments[:, :-1] - segments[:, 1:])  # (n, m, D): the gradient at node i is J_i^T weights_i
+    gradient = (inner @ weights.unsqueeze(-1)).squeeze(-1)  # (n, m, d)
+    gram, cross = _gram_blocks(inner)
+    diagonal = (2 * N) * gram  # (n, m, d, d)
+    coupling = -N * cross  # between interior nodes i and i + 1
+    if second is not None:
+        # The second-order part of the Hessian, which Gauss-Newton leaves out:
+        # sum_D weights_i[D] d^2 f_D(node i), from the pairs a <= b of _node_derivatives.
+        curvature = (second.reshape(n, m, -1, D) @ weights.unsqueeze(-1)).squeeze(-1)  # (n, m, P)
+        diagonal = diagonal + _symmetric_blocks(curvature, d)
+    return gradient, diagonal, coupling
+
+
 def _lbfgs(embed, curve: Tensor, max_iter: int, xtol: float | None = None) -> tuple[Tensor, Tensor]:
-    """L-BFGS on the energy of a metric-field curve (first derivatives only); for a
-    :class:`MetricDecoder`, then Gauss-Newton steps to node tolerance ``xtol``
-    (:func:`_metric_gauss_newton`)."""
+    """L-BFGS on the energy of a polygon (first derivatives only): piecewise-linear
+    decoders, and metric fields above ``d = 4``, where ``d^2 G`` would cost ``d^4``
+    numbers per point; for a :class:`MetricDecoder`, then Gauss-Newton steps to node
+    tolerance ``xtol`` (:func:`_metric_gauss_newton`)."""
     inner = curve[:, 1:-1].detach().clone().requires_grad_(True)
     ends = curve[:, :1], curve[:, -1:]
     optimizer = torch.optim.LBFGS(
@@ -504,7 +568,8 @@ def discrete_geodesic(
     n_segments : int
         Segments of the polygon (``n_segments + 1`` nodes).
     max_iter : int
-        Levenberg-Marquardt iterations (L-BFGS iterations for a MetricDecoder).
+        Levenberg-Marquardt iterations (ten times as many L-BFGS iterations
+        where L-BFGS runs: not ``smooth``, or a MetricDecoder with ``d > 4``).
     initial_curve : Tensor, shape=[n, N + 1, d], optional
         First guess (then ``n_segments = N``; its end nodes are replaced by
         ``base_point`` and ``point``); the straight segment if None.
@@ -598,9 +663,12 @@ def _minimize(
     (None where L-BFGS ran); ``known`` as in :func:`_gauss_newton`."""
     if xtol is None:
         xtol = _default_xtol(curve)
-    if isinstance(embed, MetricDecoder) or not smooth:
+    field = isinstance(embed, MetricDecoder)
+    if not smooth or (field and curve.shape[-1] > _NEWTON_MAX_DIM):
         return (*_lbfgs(embed, curve, max_iter * 10, xtol), None)
-    if derivative_dtype is None:
+    if field:
+        derivative_dtype = curve.dtype  # the metric's own algebra decides its precision
+    elif derivative_dtype is None:
         derivative_dtype = _derivative_dtype(embed, curve, xtol)
     return _gauss_newton(embed, curve, max_iter, xtol, derivative_dtype, known)
 

@@ -250,6 +250,49 @@ def test_gp_closed_form_metric_derivatives_equal_those_of_forward_mode_autodiff(
     torch.testing.assert_close(G, mean_only.metric(z), rtol=1e-12, atol=1e-14)
 
 
+def test_gp_closed_form_second_metric_derivatives_equal_those_of_forward_mode_autodiff(gp):
+    """GaussianProcessDecoder.metric_second_derivatives (closed form, the kernel's third
+    derivatives) against MetricDecoder's JVPs of metric_and_derivatives, in d = 1, 2 (ARD and
+    isotropic) and 3, at training inputs too; a subclass with its own metric is differentiated
+    by JVPs of that metric, checked by central differences of its dG."""
+    from pullback_manifold.decoders import MetricDecoder
+
+    g = torch.Generator().manual_seed(7)
+    decoders = [gp, GaussianProcessDecoder(gp.inputs, gp.outputs, lengthscale=0.9, signal_variance=1.3)]
+    for d in (1, 3):
+        X = torch.randn(12, d, generator=g, dtype=F64)
+        Y = torch.randn(12, 3, generator=g, dtype=F64)
+        decoders.append(GaussianProcessDecoder(X, Y, lengthscale=torch.rand(d, generator=g, dtype=F64) + 0.5))
+    for decoder in decoders:
+        d = decoder.inputs.shape[1]
+        z = torch.cat([decoder.inputs[:3], 1.5 * torch.randn(6, d, generator=g, dtype=F64)])
+        G, dG, ddG = decoder.metric_second_derivatives(z)
+        G_ref, dG_ref, ddG_ref = MetricDecoder.metric_second_derivatives(decoder, z)
+        assert ddG.shape == (d, d, len(z), d, d)
+        torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(dG, dG_ref, rtol=1e-10, atol=1e-12 * dG_ref.abs().max().item())
+        torch.testing.assert_close(ddG, ddG_ref, rtol=1e-10, atol=1e-12 * ddG_ref.abs().max().item())
+        torch.testing.assert_close(ddG, ddG.transpose(0, 1), rtol=0, atol=1e-12 * ddG.abs().max().item())
+        G32, dG32, ddG32 = decoder.metric_second_derivatives(z.float())
+        assert G32.dtype == dG32.dtype == ddG32.dtype == torch.float32
+
+    class MeanOnly(GaussianProcessDecoder):
+        def metric(self, x):
+            mean_J, _ = self.jacobian_mean_and_covariance(x)
+            return mean_J.transpose(-1, -2) @ mean_J + 1e-3 * torch.eye(x.shape[-1], dtype=x.dtype)
+
+    mean_only = MeanOnly(gp.inputs, gp.outputs)
+    z = torch.randn(5, 2, generator=g, dtype=F64)
+    G, dG, ddG = mean_only.metric_second_derivatives(z)
+    torch.testing.assert_close(G, mean_only.metric(z), rtol=1e-12, atol=1e-14)
+    step = 1e-5
+    for b in range(2):
+        e = torch.zeros(2, dtype=F64)
+        e[b] = step
+        central = (mean_only.metric_and_derivatives(z + e)[1] - mean_only.metric_and_derivatives(z - e)[1]) / (2 * step)
+        torch.testing.assert_close(ddG[b], central, rtol=1e-6, atol=1e-7 * central.abs().max().item())
+
+
 def test_gp_jacobian_covariance_is_psd_and_grows_away_from_the_data(gp):
     # rays from training inputs on the ring (radius ~1.5) outwards, to 6x the ring's radius
     scales = torch.tensor([1.0, 1.5, 2.0, 3.0, 6.0], dtype=F64)
@@ -372,8 +415,8 @@ def test_ensemble_refuses_a_gaussian_process_member(gp):
 def test_energy_method_on_a_gaussian_process_converges_per_pair_in_a_batch():
     """L-BFGS alone left fine polygons' nodes ~4e-6 (relative) from the minimum and flagged
     all three pairs not converged in a batch, although their lengths were right (one of
-    them converged alone). Gauss-Newton steps with the metric's block-tridiagonal matrix
-    finish them."""
+    them converged alone). Newton's method with the midpoint energy's exact Hessian (and,
+    before it, Gauss-Newton steps after L-BFGS) finishes them."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(8, 2, generator=g, dtype=F64)
     Y = torch.stack([X[:, 0].sin(), X[:, 1].cos(), X.prod(1)], 1)
