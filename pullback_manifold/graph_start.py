@@ -179,11 +179,11 @@ def shortest_path_start(
 
 def _edge_lengths(embed: Embedding, nodes: Tensor, edges: Tensor) -> Tensor:
     """Decoded length of each grid edge ``(E,)``: through its midpoint, the nodes decoded
-    once (for a MetricDecoder, the midpoint rule on the edge's two halves)."""
+    once (for a MetricDecoder, :func:`_metric_edge_lengths`)."""
+    if isinstance(embed, MetricDecoder):
+        return _metric_edge_lengths(embed, nodes, edges)
     a, b = nodes[edges[:, 0]], nodes[edges[:, 1]]
     middle = 0.5 * (a + b)
-    if isinstance(embed, MetricDecoder):
-        return _decoded_lengths(embed, torch.stack([a, middle, b], 1))
     decoded = torch.cat([embed(part).reshape(len(part), -1) for part in nodes.split(2048)])
     lengths = []
     for part, pair in zip(middle.split(2048), edges.split(2048)):  # blocks: memory traffic
@@ -193,6 +193,33 @@ def _edge_lengths(embed: Embedding, nodes: Tensor, edges: Tensor) -> Tensor:
             + torch.linalg.vector_norm(decoded[pair[:, 1]] - decoded_middle, dim=-1)
         )
     return torch.cat(lengths)
+
+
+def _metric_edge_lengths(embed: MetricDecoder, nodes: Tensor, edges: Tensor) -> Tensor:
+    """Length of each grid edge ``(E,)`` in a metric field, by Simpson's rule on the speed
+    ``sqrt(e^T G e)`` at its end nodes and midpoint (``e`` the edge vector).
+
+    Edge midpoints lie on the grid of half the spacing, and many edges share them: ``G``
+    is evaluated once per grid node and once per distinct midpoint (16,129 points on the
+    64 x 64 grid, against 63,252 for the midpoint rule on each edge's two halves, which
+    took 4.3 of the 7.9 s of a 20-pair log call on a GP with 300 inputs)."""
+    size = round(len(nodes) ** (1 / nodes.shape[1]))
+    shape = (size,) * nodes.shape[1]
+    ends = edges.cpu().numpy()
+    half_cell = np.add(*(np.stack(np.unravel_index(ends[:, i], shape), -1) for i in (0, 1)))
+    keys = np.ravel_multi_index(tuple(half_cell.T), (2 * size - 1,) * nodes.shape[1])
+    _, first, which = np.unique(keys, return_index=True, return_inverse=True)  # first: an edge per midpoint
+    first = torch.as_tensor(first, device=nodes.device)
+    which = torch.as_tensor(which.reshape(-1), device=nodes.device)
+    middles = 0.5 * (nodes[edges[first, 0]] + nodes[edges[first, 1]])
+    G_nodes = torch.cat([embed.metric(part) for part in nodes.split(2048)])
+    G_middles = torch.cat([embed.metric(part) for part in middles.split(2048)])
+    vector = nodes[edges[:, 1]] - nodes[edges[:, 0]]
+
+    def speed(G: Tensor) -> Tensor:
+        return torch.einsum("ei,eij,ej->e", vector, G, vector).clamp_min(0).sqrt()
+
+    return (speed(G_nodes[edges[:, 0]]) + 4 * speed(G_middles[which]) + speed(G_nodes[edges[:, 1]])) / 6
 
 
 def _segment_lengths(embed: Embedding, polygon: Tensor) -> Tensor:
