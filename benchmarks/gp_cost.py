@@ -105,7 +105,7 @@ def run_stochman(gp, z0, z1, cap: float):
     times = []
     manifold.connecting_geodesic(z0[:1] + 1e-3, z1[:1])  # first-call costs
     for i in range(len(z0)):
-        out, secs, finished = _capped(lambda: manifold.connecting_geodesic(z0[i : i + 1], z1[i : i + 1]), cap)
+        out, secs, finished = _capped(lambda i=i: manifold.connecting_geodesic(z0[i : i + 1], z1[i : i + 1]), cap)
         times.append(secs)
         if finished:
             curve, success = out
@@ -181,28 +181,68 @@ def main(argv=None) -> int:
 
     n = args.pairs
     per_energy = energy_s / n
-    rows.append(("ours, `solve_log(method=\"energy\")`", n, per_energy, *errors(energy_length, n),
-                 f"{int(energy.converged.sum())}/{n}"))
+    rows.append(
+        (
+            'ours, `solve_log(method="energy")`',
+            n,
+            per_energy,
+            *errors(energy_length, n),
+            f"{int(energy.converged.sum())}/{n}",
+        )
+    )
     rows.append(("ours, `metric.dist`", n, dist_s / n, *errors(dist, n), "–"))
-    rows.append(("ours, `solve_log(method=\"shooting\")` (reference)", n, shooting_s / n, "0", "0",
-                 f"{int(shooting.converged.sum())}/{n}"))
-    rows.append(("previous energy solver (L-BFGS + Gauss-Newton)", k, previous_s / k, *errors(previous_length, k),
-                 f"{int(previous.converged.sum())}/{k}"))
+    rows.append(
+        (
+            'ours, `solve_log(method="shooting")` (reference)',
+            n,
+            shooting_s / n,
+            "0",
+            "0",
+            f"{int(shooting.converged.sum())}/{n}",
+        )
+    )
+    rows.append(
+        (
+            "previous energy solver (L-BFGS + Gauss-Newton)",
+            k,
+            previous_s / k,
+            *errors(previous_length, k),
+            f"{int(previous.converged.sum())}/{k}",
+        )
+    )
     if st_error is None:
-        rows.append(("stochman `connecting_geodesic`", m, float(np.median(st_times)), *errors(st_length, m),
-                     f"{int(st_flag.sum())}/{m} (its flag)"))
+        rows.append(
+            (
+                "stochman `connecting_geodesic`",
+                m,
+                float(np.median(st_times)),
+                *errors(st_length, m),
+                f"{int(st_flag.sum())}/{m} (its flag)",
+            )
+        )
     rows.append(("straight line", n, float("nan"), *errors(line_length, n), "–"))
 
     cross = ((energy_length - reference).abs() / reference)[good]
     out = [
-        "# Benchmark results: logs and distances on a Gaussian-process decoder", "",
-        "Written by `benchmarks/gp_cost.py` (see its docstring for the problem and the methods).", "",
-        "Command:", "", "```", "OMP_NUM_THREADS=1 python benchmarks/gp_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "```", "",
+        "# Benchmark results: logs and distances on a Gaussian-process decoder",
+        "",
+        "Written by `benchmarks/gp_cost.py` (see its docstring for the problem and the methods).",
+        "",
+        "Command:",
+        "",
+        "```",
+        "OMP_NUM_THREADS=1 python benchmarks/gp_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "```",
+        "",
     ]
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
     except Exception:  # noqa: BLE001
         commit = "?"
     out += [
@@ -210,10 +250,14 @@ def main(argv=None) -> int:
         f"- machine: {platform.system()} {platform.machine()}, torch threads {torch.get_num_threads()}",
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, pullback-manifold commit {commit}",
         f"- GP: {gp!r}; hyperparameter fit {fit_seconds:.1f} s",
-        f"- total run time: {time.perf_counter() - start_all:.0f} s", "",
-        f"Reference: shooting lengths on the {int(good.sum())} pairs where shooting and the energy method both "
-        f"converged; the energy method's lengths differ from them by {cross.median().item():.1e} (median), "
-        f"{cross.max().item():.1e} at most.", "",
+        f"- total run time: {time.perf_counter() - start_all:.0f} s",
+        "",
+        (
+            f"Reference: shooting lengths on the {int(good.sum())} pairs where shooting and the energy method "
+            f"both converged; the energy method's lengths differ from them by {cross.median().item():.1e} "
+            f"(median), {cross.max().item():.1e} at most."
+        ),
+        "",
         "| method | pairs | s / pair | median rel. err | max rel. err | converged |",
         "|---|---|---|---|---|---|",
     ]
@@ -221,8 +265,11 @@ def main(argv=None) -> int:
         shown = "–" if not np.isfinite(secs) else f"{secs:.3g}"
         out.append(f"| {name} | {count} | {shown} | {med} | {mx} | {conv} |")
     out.append("")
-    out.append(f"Speed-up of the energy method: {rows[3][2] / per_energy:.0f}x over the previous solver"
-               + ("" if st_error else f", {rows[4][2] / per_energy:.0f}x over stochman") + " (per pair; ours batched).")
+    out.append(
+        f"Speed-up of the energy method: {rows[3][2] / per_energy:.0f}x over the previous solver"
+        + ("" if st_error else f", {rows[4][2] / per_energy:.0f}x over stochman")
+        + " (per pair; ours batched)."
+    )
     if st_error:
         out.append(f"\nstochman failed: {st_error}")
     else:

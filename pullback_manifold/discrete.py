@@ -308,7 +308,7 @@ def _gauss_newton(
     """
     curve = curve.clone()
     n, k, d = curve.shape
-    N, m = k - 1, k - 2
+    m = k - 2
     field = isinstance(embed, MetricDecoder)  # the midpoint-rule energy; nothing is decoded
     if m == 0:
         return curve, torch.ones(n, dtype=torch.bool, device=curve.device), None if field else _decoded(embed, curve)

@@ -90,7 +90,10 @@ def test_metric_field_edge_lengths_are_the_edges_lengths():
     halves = _decoded_lengths(HillsMetric(), torch.stack([start, 0.5 * (start + end), end], 1))
     t = torch.linspace(0, 1, 257, dtype=F64)[:, None]
     dense = torch.cat(
-        [curve_length(HillsMetric(), s[:, None] + t * (e - s)[:, None]) for s, e in zip(start.split(4096), end.split(4096))]
+        [
+            curve_length(HillsMetric(), s[:, None] + t * (e - s)[:, None])
+            for s, e in zip(start.split(4096), end.split(4096))
+        ]
     )
     error, before = ((simpson - dense).abs() / dense), ((halves - dense).abs() / dense)
     assert error.median() <= 1e-7 and error.quantile(0.99) <= 2e-2 and error.max() <= 0.25
@@ -104,7 +107,7 @@ def test_the_global_start_finds_the_way_around_in_a_metric_field():
     start, from_graph = shortest_path_start(HillsMetric(), b, a, 16)
     assert from_graph.item() and start[0, 8, 1] < -0.3
     result, curve, length = energy_log(HillsMetric(), b, a)
-    local, _, local_length = energy_log(HillsMetric(), b, a, global_start=False)
+    _, _, local_length = energy_log(HillsMetric(), b, a, global_start=False)
     assert result.converged.item() and result.residual.item() <= 1e-5
     assert curve[0, curve.shape[1] // 2, 1] < -0.3
     assert length.item() < 0.6 * local_length.item()

@@ -86,12 +86,17 @@ def test_newton_terms_of_the_midpoint_energy_are_its_gradient_and_hessian():
     from pullback_manifold.geometry import curve_energy
 
     g = torch.Generator().manual_seed(4)
-    for decoder, d in [(StereographicSphereMetric(), 2), (WarpedMetric(1), 1), (WarpedMetric(2), 2), (WarpedMetric(3), 3)]:
+    for decoder, d in [
+        (StereographicSphereMetric(), 2),
+        (WarpedMetric(1), 1),
+        (WarpedMetric(2), 2),
+        (WarpedMetric(3), 3),
+    ]:
         curves = torch.randn(2, 7, d, generator=g, dtype=F64)
         gradient, diagonal, coupling = _metric_field_newton_terms(decoder, curves)
         for c, grad_i, diag_i, coup_i in zip(curves, gradient, diagonal, coupling):
 
-            def energy(inner, c=c):
+            def energy(inner, c=c, decoder=decoder, d=d):
                 return curve_energy(decoder, torch.cat([c[:1], inner.reshape(-1, d), c[-1:]]))
 
             inner = c[1:-1].reshape(-1)
