@@ -664,13 +664,28 @@ def _minimize(
     if xtol is None:
         xtol = _default_xtol(curve)
     field = isinstance(embed, MetricDecoder)
-    if not smooth or (field and curve.shape[-1] > _NEWTON_MAX_DIM):
+    if not smooth or (field and not _metric_newton_runs(embed, curve)):
         return (*_lbfgs(embed, curve, max_iter * 10, xtol), None)
     if field:
         derivative_dtype = curve.dtype  # the metric's own algebra decides its precision
     elif derivative_dtype is None:
         derivative_dtype = _derivative_dtype(embed, curve, xtol)
     return _gauss_newton(embed, curve, max_iter, xtol, derivative_dtype, known)
+
+
+def _metric_newton_runs(embed: MetricDecoder, curve: Tensor) -> bool:
+    """Whether Newton's method can run on the metric field's polygons ``(n, k, d)``: ``d <= 4``
+    (``d^2 G`` has ``d^4`` entries per point) and ``metric_second_derivatives`` works, tried
+    at one node. Its default differentiates the metric in forward mode, which a metric
+    built on a backward-only ``torch.autograd.Function`` does not support: L-BFGS, which
+    needs reverse mode only, minimizes those."""
+    if curve.shape[-1] > _NEWTON_MAX_DIM or curve.numel() == 0:
+        return curve.shape[-1] <= _NEWTON_MAX_DIM
+    try:
+        embed.metric_second_derivatives(curve[:1, 0])
+    except Exception:  # noqa: BLE001 -- any failure: the first-order method, which may still run
+        return False
+    return True
 
 
 def _default_xtol(point: Tensor) -> float:

@@ -118,6 +118,10 @@ class _RegularizedMetric(MetricDecoder):
         G, dG = self.decoder.metric_and_derivatives(z)  # the constant eps I has no derivative
         return G + self.eps * torch.eye(z.shape[-1], dtype=z.dtype, device=z.device), dG
 
+    def metric_second_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        G, dG, ddG = self.decoder.metric_second_derivatives(z)  # the decoder's closed form, if it has one
+        return G + self.eps * torch.eye(z.shape[-1], dtype=z.dtype, device=z.device), dG, ddG
+
 
 def regularized(embed: Embedding, eps: float) -> Embedding:
     """An embedding whose metric is that of ``embed`` plus ``eps I`` (``embed`` itself if ``eps == 0``)."""

@@ -212,6 +212,7 @@ def _metric_edge_lengths(embed: MetricDecoder, nodes: Tensor, edges: Tensor) -> 
     first = torch.as_tensor(first, device=nodes.device)
     which = torch.as_tensor(which.reshape(-1), device=nodes.device)
     middles = 0.5 * (nodes[edges[first, 0]] + nodes[edges[first, 1]])
+    # A non-finite G at a node makes its edges non-finite: the graph leaves them out.
     G_nodes = torch.cat([embed.metric(part) for part in nodes.split(2048)])
     G_middles = torch.cat([embed.metric(part) for part in middles.split(2048)])
     vector = nodes[edges[:, 1]] - nodes[edges[:, 0]]

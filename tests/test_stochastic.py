@@ -275,6 +275,16 @@ def test_gp_closed_form_second_metric_derivatives_equal_those_of_forward_mode_au
         torch.testing.assert_close(ddG, ddG.transpose(0, 1), rtol=0, atol=1e-12 * ddG.abs().max().item())
         G32, dG32, ddG32 = decoder.metric_second_derivatives(z.float())
         assert G32.dtype == dG32.dtype == ddG32.dtype == torch.float32
+        torch.testing.assert_close(ddG32.double(), ddG, rtol=0, atol=1e-6 * ddG.abs().max().item())
+    # A regularized GP (the geometry's metric + eps I) keeps the closed form: bitwise the GP's
+    # (JVPs of the first derivatives differ from it by rounding), G shifted by eps I.
+    from pullback_manifold.geometry import regularized
+
+    z = torch.randn(6, 2, generator=g, dtype=F64)
+    G, dG, ddG = gp.metric_second_derivatives(z)
+    G_reg, dG_reg, ddG_reg = regularized(gp, 1e-3).metric_second_derivatives(z)
+    assert torch.equal(ddG_reg, ddG) and torch.equal(dG_reg, dG)
+    torch.testing.assert_close(G_reg, G + 1e-3 * torch.eye(2, dtype=F64), rtol=0, atol=1e-15)
 
     class MeanOnly(GaussianProcessDecoder):
         def metric(self, x):
