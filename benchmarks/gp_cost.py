@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -40,35 +39,13 @@ from unittest import mock
 
 import numpy as np
 import torch
+from run_benchmarks import _capped  # the per-pair time cap of the main benchmark (same folder)
 
 from pullback_manifold import PullbackManifold, discrete
 from pullback_manifold.gaussian_process import GaussianProcessDecoder
 from pullback_manifold.geometry import curve_length
 
 F64 = torch.float64
-
-
-class _Timeout(Exception):
-    pass
-
-
-def _capped(fn, cap: float):
-    """``(value, seconds, finished)``; interrupted by SIGALRM after ``cap`` seconds."""
-
-    def on_alarm(*_):
-        raise _Timeout
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, cap)
-    start = time.perf_counter()
-    try:
-        value, finished = fn(), True
-    except _Timeout:
-        value, finished = None, False
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    return value, time.perf_counter() - start, finished
 
 
 def build(n_points: int, seed: int) -> tuple[GaussianProcessDecoder, torch.Tensor]:
