@@ -130,14 +130,16 @@ def test_metric_field_discrete_geodesics_converge_by_newton_in_a_few_steps():
     torch.testing.assert_close(length, truth, rtol=2e-3, atol=0)
 
 
-def test_metric_field_distances_in_five_dimensions_are_great_circles():
-    """d = 5: above the Newton limit, the metric-field energy is minimized by L-BFGS and Gauss-Newton."""
-    space = PullbackManifold(ConformalSphereMetric(), dim=5)
-    g = torch.Generator().manual_seed(5)
-    z0, z1 = 0.5 * torch.randn(4, 5, generator=g, dtype=F64), 0.5 * torch.randn(4, 5, generator=g, dtype=F64)
-    x0, x1 = inverse_stereographic(z0), inverse_stereographic(z1)
-    truth = 2 * torch.asin((x0 - x1).norm(dim=-1) / 2)
-    torch.testing.assert_close(space.metric.dist(z0, z1), truth, rtol=1e-6, atol=1e-9)
+def test_metric_field_distances_in_higher_dimensions_are_great_circles():
+    """S^5 and S^9 in stereographic coordinates: d = 5 by Newton's method (up to d = 8),
+    d = 9 by L-BFGS and Gauss-Newton; both give the great-circle distances."""
+    for d in (5, 9):
+        space = PullbackManifold(ConformalSphereMetric(), dim=d)
+        g = torch.Generator().manual_seed(d)
+        z0, z1 = 0.5 * torch.randn(4, d, generator=g, dtype=F64), 0.5 * torch.randn(4, d, generator=g, dtype=F64)
+        x0, x1 = inverse_stereographic(z0), inverse_stereographic(z1)
+        truth = 2 * torch.asin((x0 - x1).norm(dim=-1) / 2)
+        torch.testing.assert_close(space.metric.dist(z0, z1), truth, rtol=1e-6, atol=1e-9)
 
 
 class _BackwardOnlySquare(torch.autograd.Function):

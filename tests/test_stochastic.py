@@ -285,6 +285,14 @@ def test_gp_closed_form_second_metric_derivatives_equal_those_of_forward_mode_au
     G_reg, dG_reg, ddG_reg = regularized(gp, 1e-3).metric_second_derivatives(z)
     assert torch.equal(ddG_reg, ddG) and torch.equal(dG_reg, dG)
     torch.testing.assert_close(G_reg, G + 1e-3 * torch.eye(2, dtype=F64), rtol=0, atol=1e-15)
+    # Passes bounded in memory: the same numbers point by point as in one pass.
+    import pullback_manifold.gaussian_process as gaussian_process
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gaussian_process, "_SECOND_DERIVATIVE_NUMBERS", 1000)  # four points per pass
+        chunked = gp.metric_second_derivatives(z)
+    for a, b in zip(chunked, (G, dG, ddG)):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14 * b.abs().max().item())
 
     class MeanOnly(GaussianProcessDecoder):
         def metric(self, x):
