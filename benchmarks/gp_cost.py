@@ -12,7 +12,7 @@ Methods, on the same pairs, in one process:
 - ours, ``solve_log(method="energy")``, ``metric.dist`` (lengths only) and
   ``solve_log(method="shooting")``, each one batched call;
 - the previous energy solver (L-BFGS, then Gauss-Newton steps with ``G``'s matrix; still
-  the method above ``d = 4``), called here through the same ``energy_log`` on the first
+  the method above ``d = 8``), called here through the same ``energy_log`` on the first
   ``--previous-pairs`` pairs;
 - stochman's ``connecting_geodesic`` (cubic spline, energy by gradient descent) on a
   stochman ``Manifold`` whose metric is the GP's, one pair per call with a time cap; its

@@ -671,10 +671,10 @@ def _minimize(
     """:func:`discrete_geodesic` from its first guess, also returning the decoded nodes
     (None where L-BFGS ran); ``known`` as in :func:`_gauss_newton`."""
     field = isinstance(embed, MetricDecoder)
-    newton = _metric_newton_runs(embed, curve) if field else curve.shape[-1] <= _NEWTON_MAX_DIM
+    field_newton = smooth and field and _metric_newton_runs(embed, curve)
     if xtol is None:
-        xtol = _default_xtol(curve, newton)
-    if not smooth or (field and not newton):
+        xtol = _default_xtol(curve, True if field_newton else None)
+    if not smooth or (field and not field_newton):
         return (*_lbfgs(embed, curve, max_iter * 10, xtol), None)
     if field:
         derivative_dtype = curve.dtype  # the metric's own algebra decides its precision
