@@ -379,8 +379,14 @@ class GaussianProcessDecoder(MetricDecoder):
         c = self._constants(z.device)
         k, dk, ddk = self._kernel_grad(z, c, second=True)  # dk (m, a, n), ddk (m, b, a, n)
         mean, B, cov_J = self._moments(dk, c)  # E[J]^T (m, a, D), (m, a, n), (m, d, d)
-        d_mean = ddk @ c.alpha  # (m, b, a, D)
-        C = ddk @ c.chol_inv.T  # (m, b, a, n)
+        # d_b d_a k is symmetric: its products with alpha and L^{-T} (n^2 per row), once per pair.
+        d = z.shape[-1]
+        rows, cols = torch.triu_indices(d, d, device=z.device)
+        pair_of = torch.zeros(d, d, dtype=torch.long, device=z.device)
+        pair_of[rows, cols] = pair_of[cols, rows] = torch.arange(len(rows), device=z.device)
+        unique = ddk[:, rows, cols]  # (m, P, n)
+        d_mean = (unique @ c.alpha)[:, pair_of]  # (m, b, a, D)
+        C = (unique @ c.chol_inv.T)[:, pair_of]  # (m, b, a, n)
         n_outputs = self.outputs.shape[1]
         G = mean @ mean.transpose(-1, -2) + n_outputs * cov_J
         mean_b, B_b = mean.unsqueeze(1), B.unsqueeze(1)
@@ -391,8 +397,7 @@ class GaussianProcessDecoder(MetricDecoder):
         # d_c d_b G is symmetric in (c, b), and d_c d_b d_a k in all three indices: the kernel's
         # third derivatives and their products with L^{-T} and alpha (the costly part, n^2 per
         # row) are made once per sorted triple, then gathered for the pairs c <= b and every a.
-        d = z.shape[-1]
-        cs, bs = torch.triu_indices(d, d, device=z.device)  # the pairs c <= b
+        cs, bs = rows, cols  # the pairs c <= b
         triples = torch.tensor(
             [t for t in itertools.combinations_with_replacement(range(d), 3)], dtype=torch.long, device=z.device
         )
