@@ -403,7 +403,7 @@ class GaussianProcessDecoder(MetricDecoder):
         )
         key = {tuple(t): i for i, t in enumerate(triples.tolist())}
         gather = torch.tensor(
-            [[key[tuple(sorted((cc, bb, a)))] for a in range(d)] for cc, bb in zip(cs.tolist(), bs.tolist())],
+            [[key[tuple(sorted((cc, bb, a)))] for a in range(d)] for cc, bb in zip(cs.tolist(), bs.tolist(), strict=True)],
             dtype=torch.long,
             device=z.device,
         )  # (P, d)
