@@ -403,7 +403,10 @@ class GaussianProcessDecoder(MetricDecoder):
         )
         key = {tuple(t): i for i, t in enumerate(triples.tolist())}
         gather = torch.tensor(
-            [[key[tuple(sorted((cc, bb, a)))] for a in range(d)] for cc, bb in zip(cs.tolist(), bs.tolist(), strict=True)],
+            [
+                [key[tuple(sorted((cc, bb, a)))] for a in range(d)]
+                for cc, bb in zip(cs.tolist(), bs.tolist(), strict=True)
+            ],
             dtype=torch.long,
             device=z.device,
         )  # (P, d)
@@ -415,8 +418,10 @@ class GaussianProcessDecoder(MetricDecoder):
         upper = dd_mean @ mean_p.transpose(-1, -2) + mean_p @ dd_mean.transpose(-1, -2)
         upper = upper + d_mean_b @ d_mean_c.transpose(-1, -2) + d_mean_c @ d_mean_b.transpose(-1, -2)
         upper = upper - n_outputs * (
-            E @ B_p.transpose(-1, -2) + B_p @ E.transpose(-1, -2)
-            + C_b @ C_c.transpose(-1, -2) + C_c @ C_b.transpose(-1, -2)
+            E @ B_p.transpose(-1, -2)
+            + B_p @ E.transpose(-1, -2)
+            + C_b @ C_c.transpose(-1, -2)
+            + C_c @ C_b.transpose(-1, -2)
         )  # (m, P, d, d)
         ddG = upper.new_empty(d, d, *G.shape)
         ddG[cs, bs] = upper.transpose(0, 1)
