@@ -39,6 +39,7 @@ outputs have the dtype of ``z``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import NamedTuple
@@ -75,6 +76,33 @@ def _sq_dists(a: Tensor, b: Tensor, inv_sq_lengthscale: Tensor) -> Tensor:
     """
     diff = a.unsqueeze(-2) - b.unsqueeze(-3)
     return (diff.pow(2) * inv_sq_lengthscale).sum(-1)
+
+
+def _symmetric_indices(d: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Index tensors for derivatives symmetric in their indices, in latent dimension ``d``:
+    the pairs ``c <= b`` (``cs``, ``bs``, ``(P,)``, :func:`torch.triu_indices` order),
+    ``pair_of`` ``(d, d)`` (the pair of ``(b, a)`` in either order), the sorted triples
+    ``c <= b <= a`` ``(T, 3)``, and ``gather`` ``(P, d)`` (the triple of ``(c, b, a)`` for
+    the pair ``c <= b`` and every ``a``). Made once per ``(d, device)``, the geodesic ODE
+    asks for them at every step; not cached inside a ``torch.func`` transform (JVPs of the
+    closed form), where new tensors belong to the transform's level."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return _make_symmetric_indices(d, device)
+    return _cached_symmetric_indices(d, device)
+
+
+def _make_symmetric_indices(d: int, device: torch.device) -> tuple[Tensor, ...]:
+    pairs = [(c, b) for c in range(d) for b in range(c, d)]
+    pair_index = {pair: i for i, pair in enumerate(pairs)}
+    pair_of = [[pair_index[(min(b, a), max(b, a))] for a in range(d)] for b in range(d)]
+    sorted_triples = list(itertools.combinations_with_replacement(range(d), 3))
+    triple_index = {t: i for i, t in enumerate(sorted_triples)}
+    gather = [[triple_index[tuple(sorted((c, b, a)))] for a in range(d)] for c, b in pairs]
+    out = ([c for c, _ in pairs], [b for _, b in pairs], pair_of, sorted_triples, gather)
+    return tuple(torch.tensor(t, dtype=torch.long, device=device) for t in out)
+
+
+_cached_symmetric_indices = functools.cache(_make_symmetric_indices)
 
 
 class GaussianProcessDecoder(MetricDecoder):
@@ -381,10 +409,8 @@ class GaussianProcessDecoder(MetricDecoder):
         mean, B, cov_J = self._moments(dk, c)  # E[J]^T (m, a, D), (m, a, n), (m, d, d)
         # d_b d_a k is symmetric: its products with alpha and L^{-T} (n^2 per row), once per pair.
         d = z.shape[-1]
-        rows, cols = torch.triu_indices(d, d, device=z.device)
-        pair_of = torch.zeros(d, d, dtype=torch.long, device=z.device)
-        pair_of[rows, cols] = pair_of[cols, rows] = torch.arange(len(rows), device=z.device)
-        unique = ddk[:, rows, cols]  # (m, P, n)
+        cs, bs, pair_of, triples, gather = _symmetric_indices(d, z.device)
+        unique = ddk[:, cs, bs]  # (m, P, n)
         d_mean = (unique @ c.alpha)[:, pair_of]  # (m, b, a, D)
         C = (unique @ c.chol_inv.T)[:, pair_of]  # (m, b, a, n)
         n_outputs = self.outputs.shape[1]
@@ -397,19 +423,6 @@ class GaussianProcessDecoder(MetricDecoder):
         # d_c d_b G is symmetric in (c, b), and d_c d_b d_a k in all three indices: the kernel's
         # third derivatives and their products with L^{-T} and alpha (the costly part, n^2 per
         # row) are made once per sorted triple, then gathered for the pairs c <= b and every a.
-        cs, bs = rows, cols  # the pairs c <= b
-        triples = torch.tensor(
-            [t for t in itertools.combinations_with_replacement(range(d), 3)], dtype=torch.long, device=z.device
-        )
-        key = {tuple(t): i for i, t in enumerate(triples.tolist())}
-        gather = torch.tensor(
-            [
-                [key[tuple(sorted((cc, bb, a)))] for a in range(d)]
-                for cc, bb in zip(cs.tolist(), bs.tolist(), strict=True)
-            ],
-            dtype=torch.long,
-            device=z.device,
-        )  # (P, d)
         dddk = self._kernel_third(z, k, c, triples)  # (m, T, n)
         dd_mean = (dddk @ c.alpha)[:, gather]  # (m, P, a, D)
         E = (dddk @ c.chol_inv.T)[:, gather]  # (m, P, a, n)

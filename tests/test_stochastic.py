@@ -448,3 +448,21 @@ def test_energy_method_on_a_gaussian_process_converges_per_pair_in_a_batch():
     shooting_lengths = torch.tensor([2.9667916540539827, 2.0362050904839197, 2.084220099410058], dtype=F64)
     error = (metric.norm(energy.tangent_vec, base) - shooting_lengths).abs() / shooting_lengths
     assert (error <= energy.residual + 1e-7).all(), (error, energy.residual)
+
+
+def test_gp_index_tensors_made_inside_a_transform_are_not_cached(gp):
+    """JVPs of the GP's closed form (MetricDecoder's default second derivatives) build its
+    symmetric-index tensors inside torch.func, where new tensors belong to the transform's
+    level: the cache must only hold tensors made outside, or later calls would read them."""
+    from pullback_manifold import gaussian_process
+    from pullback_manifold.decoders import MetricDecoder
+
+    gaussian_process._cached_symmetric_indices.cache_clear()
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    by_jvp = MetricDecoder.metric_second_derivatives(gp, z)
+    assert gaussian_process._cached_symmetric_indices.cache_info().currsize == 0
+    closed = gp.metric_second_derivatives(z)
+    cached = gaussian_process._cached_symmetric_indices(2, z.device)
+    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in cached)
+    for a, b in zip(closed, by_jvp):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * b.abs().max().item())
