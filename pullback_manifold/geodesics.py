@@ -399,6 +399,10 @@ class LogResult:
         )
 
 
+# Step halvings of shooting's line search before the damping grows.
+DEFAULT_HALVINGS = 4
+
+
 def shooting_log(
     embed: Embedding,
     point: Tensor,
@@ -408,7 +412,7 @@ def shooting_log(
     regularization: float = 0.0,
     tol: float | None = None,
     max_iter: int = 50,
-    max_halvings: int = 4,
+    max_halvings: int | Tensor = DEFAULT_HALVINGS,
     reuse_jacobian: bool = False,
 ) -> LogResult:
     """Logarithm map by damped Newton shooting from one first guess, batched.
@@ -427,8 +431,9 @@ def shooting_log(
         above the ODE's own error at the default tolerances.
     max_iter : int
         Newton iterations per pair.
-    max_halvings : int
-        Backtracking steps of the line search before the damping grows.
+    max_halvings : int or Tensor, shape=[n]
+        Backtracking steps of the line search before the damping grows, for
+        every pair or per pair.
     reuse_jacobian : bool
         Shoot trial velocities without the variational equations (a third of
         the cost at ``d = 2``) and keep the Jacobian after a step that cut the
@@ -506,6 +511,9 @@ def _newton_shooting(
         fresh[rows] = True
         failed[rows[~ok_new]] = True
 
+    # Per pair: one batch serves pairs with different line searches (auto's polish).
+    halvings = torch.as_tensor(max_halvings, device=v.device).expand(n)
+    most_halvings = int(halvings.max()) if n else 0
     # Levenberg-Marquardt damping per pair: 0 is Newton; it grows when a line search
     # fails (the step turns towards steepest descent of |r|^2) and shrinks on success.
     damping = torch.zeros(n, dtype=v.dtype, device=v.device)
@@ -549,8 +557,9 @@ def _newton_shooting(
         alpha = torch.ones(len(idx), dtype=v.dtype, device=v.device)
         pending = torch.ones(len(idx), dtype=torch.bool, device=v.device)
         before_step = residual[idx].clone() if reuse_jacobian else None
-        for _ in range(max_halvings + 1):
-            sub = pending.nonzero().squeeze(-1)
+        for halving in range(most_halvings + 1):
+            # A pair past its own number of halvings stays pending: its line search failed.
+            sub = (pending & (halvings[idx] >= halving)).nonzero().squeeze(-1)
             if len(sub) == 0:
                 break
             rows = idx[sub]

@@ -211,3 +211,25 @@ def test_shooting_with_reused_jacobians_reaches_the_same_geodesics_with_fewer_va
         if start is near:
             # one Jacobian at the start; the trial geodesics are shot without it
             assert calls["variational"] == 1, calls
+
+
+def test_shooting_halves_each_pairs_failed_step_up_to_its_own_limit(sphere, monkeypatch):
+    """Per-pair line searches in one batch (auto polishes pairs inside and outside its gate
+    together): with every trial geodesic failing, a pair allowed h halvings is shot h + 1
+    times in its first iteration, whatever the others' limits."""
+    from pullback_manifold import geodesics
+
+    g = torch.Generator().manual_seed(8)
+    z0, z1 = sample_cap(3, 1.0, g), sample_cap(3, 1.0, g)
+    tries = torch.zeros(3, dtype=torch.long)
+
+    def failing(embed, velocity, base_point, options, regularization):
+        rows = [int(((z0 - b).abs().amax(-1) == 0).nonzero()[0]) for b in base_point]
+        tries[rows] += 1
+        return torch.full_like(velocity, float("nan")), torch.zeros(len(velocity), dtype=torch.bool)
+
+    monkeypatch.setattr(geodesics, "exp", failing)
+    limits = torch.tensor([0, 3, 1])
+    result = geodesics.shooting_log(sphere.decoder, z1, z0, max_iter=1, max_halvings=limits, reuse_jacobian=True)
+    assert tries.tolist() == (limits + 1).tolist()
+    assert not result.converged.any()
