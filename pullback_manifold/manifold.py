@@ -690,7 +690,9 @@ class DecoderPullbackMetric(RiemannianMetric):
         ----------
         point, base_point : array-like, shape=[..., d]
         initial_tangent_vec : array-like, shape=[..., d], optional
-            Warm start (e.g. the previous solution in an iterative algorithm).
+            Warm start (e.g. the previous solution in an iterative algorithm):
+            Newton shooting starts from it (under ``method="auto"``, for at most
+            4 iterations; the pairs it does not solve go the discrete route).
         method : {"auto", "shooting", "energy"}, optional
             Default: the space's ``log_method``.
         chunk_size : int, optional

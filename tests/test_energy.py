@@ -300,6 +300,43 @@ def test_the_polish_halves_a_failed_step_at_most_twice(monkeypatch):
     assert len(options) == 1 and (options[0]["max_halvings"] == DEFAULT_HALVINGS).all(), options
 
 
+def test_auto_gives_a_warm_start_a_few_newton_steps_then_the_discrete_route(monkeypatch):
+    """A warm start under auto is a hint: shooting from it gets at most 4 iterations with the
+    polish's halvings (not the space's max_iter: single pairs near the ODE's noise floor
+    ground through dozens of solves), and the pairs it leaves are solved by the discrete
+    route. method="shooting" keeps the space's budget."""
+    from pullback_manifold import logarithm
+
+    calls = []
+    shooting_log = logarithm.shooting_log
+
+    def spy(*args, **kwargs):
+        result = shooting_log(*args, **kwargs)
+        calls.append((kwargs, result.converged.clone()))
+        return result
+
+    monkeypatch.setattr(logarithm, "shooting_log", spy)
+    space = PullbackManifold(inverse_stereographic, dim=2, max_iter=6)
+    g = torch.Generator().manual_seed(7)
+    z0, z1 = sample_cap(3, 1.0, g), sample_cap(3, 1.0, g)
+    exact = space.metric.solve_log(z1, z0, method="shooting").tangent_vec
+    calls.clear()
+    # The first pair starts at its solution, the others far from it (turned by 170 degrees).
+    turn = torch.tensor([[math.cos(3.0), -math.sin(3.0)], [math.sin(3.0), math.cos(3.0)]], dtype=F64)
+    warm = torch.cat([exact[:1], exact[1:] @ turn.T])
+    result = space.metric.solve_log(z1, z0, initial_tangent_vec=warm)
+    first = calls[0][0]
+    assert first["max_iter"] == 4 and (torch.as_tensor(first["max_halvings"]) == 2).all()
+    assert calls[0][1][0] and not calls[0][1].all(), "this test needs a pair the warm start does not solve"
+    assert result.converged.all()
+    angle = great_circle(inverse_stereographic(z0), inverse_stereographic(z1))
+    assert ((space.metric.norm(result.tangent_vec, z0) - angle).abs() / angle).max() < 1e-6
+    torch.testing.assert_close(result.tangent_vec, exact, rtol=0, atol=1e-6)
+    calls.clear()
+    space.metric.solve_log(z1, z0, initial_tangent_vec=warm, method="shooting")
+    assert calls[0][0]["max_iter"] == 6
+
+
 def test_newton_stops_within_its_tolerance_of_the_minimizer():
     """The discrete-geodesic Newton iteration may stop without taking the step that would
     confirm convergence, when two Newton steps in a row contracted quadratically. The nodes
