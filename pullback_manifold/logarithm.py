@@ -167,7 +167,9 @@ def _log_chunk(
         options = shooting
         if method == "auto":
             # A warm start is a hint: a few Newton steps, then the discrete route below.
-            options = dict(shooting, max_iter=min(shooting["max_iter"], _WARM_ITERATIONS), max_halvings=_POLISH_HALVINGS)
+            options = dict(
+                shooting, max_iter=min(shooting["max_iter"], _WARM_ITERATIONS), max_halvings=_POLISH_HALVINGS
+            )
         result = shooting_log(embed, point, base_point, initial_tangent_vec, **options)
         result.method = method
         # A degenerate ODE "converges" to the straight line, which is not the geodesic:
