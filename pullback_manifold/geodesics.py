@@ -557,9 +557,12 @@ def _newton_shooting(
         alpha = torch.ones(len(idx), dtype=v.dtype, device=v.device)
         pending = torch.ones(len(idx), dtype=torch.bool, device=v.device)
         before_step = residual[idx].clone() if reuse_jacobian else None
+        # A step from a reused Jacobian that fails is not halved: the pair gets a new Jacobian
+        # (one solve; halvings would cost up to max_halvings, then the same solve).
+        limit = torch.where(fresh[idx], halvings[idx], 0)
         for halving in range(most_halvings + 1):
             # A pair past its own number of halvings stays pending: its line search failed.
-            sub = (pending & (halvings[idx] >= halving)).nonzero().squeeze(-1)
+            sub = (pending & (limit >= halving)).nonzero().squeeze(-1)
             if len(sub) == 0:
                 break
             rows = idx[sub]
