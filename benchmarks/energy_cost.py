@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_benchmarks as rb  # noqa: E402  (imports pullback_manifold first: the geomstats backend)
 
-import pullback_manifold.discrete as discrete  # noqa: E402
+from pullback_manifold import discrete  # noqa: E402
 from pullback_manifold import PullbackManifold  # noqa: E402
 
 

@@ -31,7 +31,6 @@ not fit in ``--budget`` seconds are skipped (and say so).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

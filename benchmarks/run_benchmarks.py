@@ -691,17 +691,19 @@ def machine_info() -> list[str]:
             versions[mod] = f"not importable ({type(err).__name__}: {err})"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
+                                timeout=10, check=False).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "pullback_manifold"], cwd=HERE,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         commit += " (+ uncommitted changes in pullback_manifold/)" if dirty else ""
     except (OSError, subprocess.SubprocessError):
         commit = "?"
     return [
         f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- machine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical CPUs "
-        f"(shared with other jobs), torch threads {torch.get_num_threads()}, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        (
+            f"- machine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical CPUs "
+            f"(shared with other jobs), torch threads {torch.get_num_threads()}, "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+        ),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"- pullback-manifold commit: {commit}",
     ]
@@ -725,9 +727,9 @@ def problem_section(problem: Problem, ref: Reference, results: list[MethodResult
     )
     for value in cross.values():
         lines.append(f"Cross-check: {value}")
-    lines += ["", "| method | pairs | s / geodesic | median rel. err | max rel. err | median signed excess | "
+    lines += ["", ("| method | pairs | s / geodesic | median rel. err | max rel. err | median signed excess | "
               "failures (not conv. or >1% off) | bad pairs flagged | ‖log‖_G vs own dist (max rel.) | "
-              "exp(log) end-point miss, median / max | speed-up vs peers |",
+              "exp(log) end-point miss, median / max | speed-up vs peers |"),
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:
@@ -813,7 +815,7 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore", UserWarning)
     total_start = time.perf_counter()
     info = machine_info()  # at the start: the commit that is measured, not one made during the run
-    sections, verdict_rows, log = [], [], []
+    sections, verdict_rows = [], []
     for key in keys:
         print(f"[{time.perf_counter() - total_start:6.0f} s] problem ({key})", flush=True)
         try:
@@ -886,8 +888,8 @@ def main(argv=None) -> int:
 
     elapsed = time.perf_counter() - total_start
     out = ["# Benchmark results: the logarithm map", "",
-           "Written by `benchmarks/run_benchmarks.py` (see `benchmarks/README.md` for the problems, the reference "
-           "and the definitions of the columns).", "", "Command:", "", "```", command.strip(), "```", ""]
+           ("Written by `benchmarks/run_benchmarks.py` (see `benchmarks/README.md` for the problems, the "
+            "reference and the definitions of the columns)."), "", "Command:", "", "```", command.strip(), "```", ""]
     out += info + [f"- total run time: {elapsed:.0f} s", ""]
     out += targets_section(verdict_rows)
     out += ["## Per problem", ""] + sections

@@ -38,6 +38,7 @@ def main() -> int:
                 text=True,
                 timeout=args.timeout,
                 env=env,
+                check=False,
             )
             status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
             output = proc.stdout + (proc.stderr if proc.returncode else "")

@@ -32,6 +32,7 @@ Gauss-Newton steps with ``G``'s block-tridiagonal matrix.
 
 from __future__ import annotations
 
+import itertools
 import operator
 
 import torch
@@ -76,7 +77,7 @@ _NODE_CHUNK = 2048
 def _refine_cubic(curve: Tensor) -> Tensor:
     """:func:`_refine` with midpoints from the cubic through the four nearest nodes (the
     quadratic through three at the ends): ``O(h^4)`` off a smooth curve, not ``O(h^2)``."""
-    n, k, d = curve.shape
+    k = curve.shape[1]
     if k < 3:
         return _refine(curve)
     out = _refine(curve)
@@ -129,7 +130,7 @@ def _gram_blocks(Jt: Tensor) -> tuple[Tensor, Tensor]:
     For ``d <= 4``, as dot products of rows: batched matrix products of ``(d, D)``
     blocks are overhead-bound (measured in float64, ``d = 2``, ``D = 128``: 2.7 times
     slower for 9,300 nodes)."""
-    n, m, d, D = Jt.shape
+    n, m, d, _ = Jt.shape
     if d > _NEWTON_MAX_DIM:
         return Jt @ Jt.transpose(-1, -2), Jt[:, :-1] @ Jt[:, 1:].transpose(-1, -2)
     gram = Jt.new_empty(n, m, d, d)
@@ -513,7 +514,7 @@ def _metric_gauss_newton(embed: MetricDecoder, curve: Tensor, xtol: float, max_s
     :func:`_gauss_newton`. Returns ``(curve, converged (n,))``.
     """
     curve = curve.clone()
-    n, k, d = curve.shape
+    n, k, _ = curve.shape
     N = k - 1
     converged = torch.zeros(n, dtype=torch.bool, device=curve.device)
     if k < 3:
@@ -854,7 +855,7 @@ def _advance(window: list[Tensor], rows: Tensor, new: Tensor, size: int) -> list
     if len(out) < size:
         out.append(out[-1].clone())
     else:
-        for older, newer in zip(out, out[1:]):
+        for older, newer in itertools.pairwise(out):
             older[rows] = newer[rows]
     out[-1][rows] = new
     return out

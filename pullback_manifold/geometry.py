@@ -285,7 +285,7 @@ def geodesic_acceleration(embed: Embedding, z: Tensor, v: Tensor, regularization
     """
     if isinstance(embed, MetricDecoder):
         return _metric_field_acceleration(embed, z, v, regularization)
-    n, d = z.shape
+    d = z.shape[-1]
     # One Taylor-mode pass: G = <df[e_i], df[e_j]> and J^T d2f[v, v] = <df[e_i], d2f[v, v]>.
     gram = embedding_gram(embed, z, torch.cat([_basis(z), v[None]], dim=0), pair=(d, d))
     G = _regularize(gram[:, :d, :d], regularization)
@@ -311,7 +311,7 @@ def connection(embed: Embedding, z: Tensor, v: Tensor, w: Tensor, regularization
     gamma_vw : Tensor, shape=[n, d]
         NaN in rows where ``G`` is not positive definite.
     """
-    n, d = z.shape
+    d = z.shape[-1]
     if isinstance(embed, MetricDecoder):
         return _metric_field_connection(embed, z, v, w, regularization)
     gram = embedding_gram(embed, z, torch.cat([_basis(z), v[None], w[None]], dim=0), pair=(d, d + 1))

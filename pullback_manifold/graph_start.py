@@ -233,7 +233,7 @@ def _segment_lengths(embed: Embedding, polygon: Tensor) -> Tensor:
 
 def _subdivide(polygon: Tensor, factor: int) -> Tensor:
     """Polygons with every segment cut into ``factor`` equal parts."""
-    n, k, d = polygon.shape
+    n, _, d = polygon.shape
     fractions = torch.arange(factor, dtype=polygon.dtype, device=polygon.device)[:, None] / factor
     a, b = polygon[:, :-1], polygon[:, 1:]
     inner = (a[:, :, None] + fractions * (b - a)[:, :, None]).reshape(n, -1, d)

@@ -112,7 +112,7 @@ def test_chunked_log_equals_one_batch_and_reports_progress(capsys):
 def test_decoder_passes_in_node_chunks_change_nothing(monkeypatch):
     """The energy method evaluates the decoder over chunks of nodes (memory traffic); the
     chunk boundaries fall inside curves and must not change a single node."""
-    import pullback_manifold.discrete as discrete
+    from pullback_manifold import discrete
 
     g = torch.Generator().manual_seed(5)
     z0, z1 = sample_cap(3, 1.0, g), sample_cap(3, 1.0, g)
@@ -222,7 +222,7 @@ def test_error_estimate_sees_chords_that_jump_a_wall(lengths_only):
 def test_distances_skip_the_shooting_polish():
     """dist and pairwise_dists take the certified discrete lengths: no ODE solve at all when
     every pair is certified, and the same lengths as the polished logs to the certified accuracy."""
-    import pullback_manifold.logarithm as logarithm
+    from pullback_manifold import logarithm
 
     space = PullbackManifold(inverse_stereographic, dim=2)
     g = torch.Generator().manual_seed(3)

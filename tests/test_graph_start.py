@@ -33,7 +33,7 @@ def test_the_global_start_finds_the_way_around_that_the_straight_line_misses():
     start, from_graph = shortest_path_start(hills, b, a, 16)
     assert from_graph.item() and start[0, 8, 1] < -0.3  # the grid route passes below
 
-    local, local_curve, local_length = energy_log(hills, b, a, global_start=False)
+    _, local_curve, local_length = energy_log(hills, b, a, global_start=False)
     result, curve, length = energy_log(hills, b, a)
     assert result.converged.item() and result.residual.item() <= 1e-5
     middle = curve.shape[1] // 2

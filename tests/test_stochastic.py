@@ -215,10 +215,10 @@ def test_gp_closed_form_metric_derivatives_equal_those_of_forward_mode_autodiff(
 
         class ByJVP(MetricDecoder):  # the same metric, differentiated by torch.func
             def _embed(self, x):
-                return decoder.embed(x)
+                return decoder.embed(x)  # noqa: B023 (used in this iteration)
 
             def metric(self, x):
-                return decoder.metric(x)
+                return decoder.metric(x)  # noqa: B023 (used in this iteration)
 
         reference = ByJVP()
         for fast, slow in [
@@ -286,7 +286,7 @@ def test_gp_closed_form_second_metric_derivatives_equal_those_of_forward_mode_au
     assert torch.equal(ddG_reg, ddG) and torch.equal(dG_reg, dG)
     torch.testing.assert_close(G_reg, G + 1e-3 * torch.eye(2, dtype=F64), rtol=0, atol=1e-15)
     # Passes bounded in memory: the same numbers point by point as in one pass.
-    import pullback_manifold.gaussian_process as gaussian_process
+    from pullback_manifold import gaussian_process
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gaussian_process, "_SECOND_DERIVATIVE_NUMBERS", 1000)  # four points per pass
