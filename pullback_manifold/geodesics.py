@@ -464,6 +464,10 @@ def _newton_shooting(
     """Damped Newton / Levenberg-Marquardt shooting from one first guess (see :func:`shooting_log`)."""
     n, d = base_point.shape
     tol = _default_log_tol(base_point.dtype) if tol is None else tol
+    if n == 0:
+        none = torch.zeros(0, dtype=torch.bool, device=base_point.device)
+        iterations = torch.zeros(0, dtype=torch.long, device=base_point.device)
+        return LogResult(base_point.clone(), none, base_point.new_zeros(0), iterations, tol=tol)
     rtol_final, atol_final = options.tolerances(base_point.dtype)
     scale = 1 + point.abs().amax(-1)
     pair_tol = tol * scale
@@ -513,7 +517,7 @@ def _newton_shooting(
 
     # Per pair: one batch serves pairs with different line searches (auto's polish).
     halvings = torch.as_tensor(max_halvings, device=v.device).expand(n)
-    most_halvings = int(halvings.max()) if n else 0
+    most_halvings = int(halvings.max())
     # Levenberg-Marquardt damping per pair: 0 is Newton; it grows when a line search
     # fails (the step turns towards steepest descent of |r|^2) and shrinks on success.
     damping = torch.zeros(n, dtype=v.dtype, device=v.device)
@@ -557,12 +561,9 @@ def _newton_shooting(
         alpha = torch.ones(len(idx), dtype=v.dtype, device=v.device)
         pending = torch.ones(len(idx), dtype=torch.bool, device=v.device)
         before_step = residual[idx].clone() if reuse_jacobian else None
-        # A step from a reused Jacobian that fails is not halved: the pair gets a new Jacobian
-        # (one solve; halvings would cost up to max_halvings, then the same solve).
-        limit = torch.where(fresh[idx], halvings[idx], 0)
         for halving in range(most_halvings + 1):
             # A pair past its own number of halvings stays pending: its line search failed.
-            sub = (pending & (limit >= halving)).nonzero().squeeze(-1)
+            sub = (pending & (halvings[idx] >= halving)).nonzero().squeeze(-1)
             if len(sub) == 0:
                 break
             rows = idx[sub]

@@ -67,7 +67,8 @@ class PullbackManifold(VectorSpaceOpenSet):
         Convergence threshold of ``log`` on the latent end-point error, relative
         to ``1 + max|point|`` (default ``1e-8`` for float64, ``2e-5`` for float32).
     max_iter : int
-        Newton iterations of ``log`` per pair.
+        Newton iterations of ``log`` per pair (shooting; ``"auto"`` polishes a
+        discrete geodesic, or goes on from a warm start, with at most 4).
     log_method : {"auto", "shooting", "energy"}
         How ``log`` solves the boundary-value problem (see
         :mod:`pullback_manifold.logarithm`): ``"auto"`` (default) shoots from a

@@ -300,6 +300,37 @@ def test_the_polish_halves_a_failed_step_at_most_twice(monkeypatch):
     assert len(options) == 1 and (options[0]["max_halvings"] == DEFAULT_HALVINGS).all(), options
 
 
+def test_the_polish_gives_each_pair_its_own_halvings_in_one_batch(monkeypatch):
+    """Certified pairs inside the gate and pairs the discrete geodesic did not certify are
+    polished in one batch, with 2 and 4 halvings respectively, aligned with their rows."""
+    from pullback_manifold import logarithm
+    from pullback_manifold.geodesics import DEFAULT_HALVINGS
+
+    options = []
+    shooting_log, energy_log = logarithm.shooting_log, logarithm.energy_log
+
+    def spy(*args, **kwargs):
+        options.append((kwargs, args[1].clone()))
+        return shooting_log(*args, **kwargs)
+
+    def one_uncertified(*args, **kwargs):
+        result, curve, length = energy_log(*args, **kwargs)
+        result.converged[1] = False  # as if its length could not be certified
+        return result, curve, length
+
+    monkeypatch.setattr(logarithm, "shooting_log", spy)
+    monkeypatch.setattr(logarithm, "energy_log", one_uncertified)
+    space = PullbackManifold(inverse_stereographic, dim=2)
+    g = torch.Generator().manual_seed(6)
+    z0, z1 = sample_cap(3, 1.0, g), sample_cap(3, 1.0, g)
+    result = space.metric.solve_log(z1, z0, method="auto")
+    assert len(options) == 1
+    kwargs, points = options[0]
+    assert torch.equal(points, z1)
+    assert kwargs["max_halvings"].tolist() == [2, DEFAULT_HALVINGS, 2]
+    assert result.converged.all() and not result.from_energy.any()
+
+
 def test_auto_gives_a_warm_start_a_few_newton_steps_then_the_discrete_route(monkeypatch):
     """A warm start under auto is a hint: shooting from it gets at most 4 iterations with the
     polish's halvings (not the space's max_iter: single pairs near the ODE's noise floor
@@ -312,7 +343,7 @@ def test_auto_gives_a_warm_start_a_few_newton_steps_then_the_discrete_route(monk
 
     def spy(*args, **kwargs):
         result = shooting_log(*args, **kwargs)
-        calls.append((kwargs, result.converged.clone()))
+        calls.append((kwargs, result.converged.clone(), args[1].clone()))
         return result
 
     monkeypatch.setattr(logarithm, "shooting_log", spy)
@@ -328,6 +359,8 @@ def test_auto_gives_a_warm_start_a_few_newton_steps_then_the_discrete_route(monk
     first = calls[0][0]
     assert first["max_iter"] == 4 and (torch.as_tensor(first["max_halvings"]) == 2).all()
     assert calls[0][1][0] and not calls[0][1].all(), "this test needs a pair the warm start does not solve"
+    # the pairs it left were polished from their discrete geodesics
+    assert len(calls) == 2 and torch.equal(calls[1][2], z1[~calls[0][1]])
     assert result.converged.all()
     angle = great_circle(inverse_stereographic(z0), inverse_stereographic(z1))
     assert ((space.metric.norm(result.tangent_vec, z0) - angle).abs() / angle).max() < 1e-6

@@ -230,36 +230,11 @@ def test_shooting_halves_each_pairs_failed_step_up_to_its_own_limit(sphere, monk
 
     monkeypatch.setattr(geodesics, "exp", failing)
     limits = torch.tensor([0, 3, 1])
-    result = geodesics.shooting_log(sphere.decoder, z1, z0, max_iter=1, max_halvings=limits, reuse_jacobian=True)
+    # A first guess keeps the first solve at full accuracy (from the straight line, shooting may
+    # first solve loosely and spend its iteration measuring again).
+    result = geodesics.shooting_log(
+        sphere.decoder, z1, z0, z1 - z0, max_iter=1, max_halvings=limits, reuse_jacobian=True
+    )
     assert tries.tolist() == (limits + 1).tolist()
     assert not result.converged.any()
 
-
-def test_a_failed_step_from_a_reused_jacobian_gets_a_new_jacobian_not_halvings(sphere, monkeypatch):
-    """With reuse_jacobian, a step computed from an old Jacobian that fails is retried with a
-    new Jacobian (one variational solve), not halved first (up to max_halvings solves)."""
-    from pullback_manifold import geodesics
-
-    g = torch.Generator().manual_seed(5)
-    z0, z1 = sample_cap(1, 1.0, g), sample_cap(1, 1.0, g)
-    exact = geodesics.shooting_log(sphere.decoder, z1, z0).tangent_vec
-    near = exact * (1 + 3e-2)
-    calls = []
-    exp, shoot = geodesics.exp, geodesics._shoot
-
-    def trial(*args):
-        calls.append("trial")
-        if calls.count("trial") >= 2:  # the first trial step is accepted, every later one fails
-            velocity = args[1]
-            return torch.full_like(velocity, float("nan")), torch.zeros(len(velocity), dtype=torch.bool)
-        return exp(*args)
-
-    def jacobian(*args):
-        calls.append("jacobian")
-        return shoot(*args)
-
-    monkeypatch.setattr(geodesics, "exp", trial)
-    monkeypatch.setattr(geodesics, "_shoot", jacobian)
-    geodesics.shooting_log(sphere.decoder, z1, z0, near, max_iter=2, max_halvings=4, reuse_jacobian=True)
-    # start (Jacobian), iteration 1: accepted chord step; iteration 2: one failed trial, new Jacobian
-    assert calls == ["jacobian", "trial", "trial", "jacobian"], calls
