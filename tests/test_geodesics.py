@@ -237,4 +237,3 @@ def test_shooting_halves_each_pairs_failed_step_up_to_its_own_limit(sphere, monk
     )
     assert tries.tolist() == (limits + 1).tolist()
     assert not result.converged.any()
-
