@@ -163,15 +163,35 @@ def _log_chunk(
         result.method = method
         return result
 
-    if method == "shooting" or initial_tangent_vec is not None:
+    # Pairs whose warm start is NaN have none (a caller warm-starting only some pairs).
+    warm = None if initial_tangent_vec is None else torch.isfinite(initial_tangent_vec).all(-1)
+    if method == "shooting" or (warm is not None and warm.any()):
+        if warm is None or warm.all():
+            starts = [(torch.arange(len(point), device=point.device), initial_tangent_vec)]
+        elif method == "shooting":  # the pairs without a warm start from shooting's own start
+            rows = warm.nonzero().squeeze(-1), (~warm).nonzero().squeeze(-1)
+            starts = [(rows[0], initial_tangent_vec[rows[0]]), (rows[1], None)]
+        else:  # auto: the discrete route below solves the others, with those the warm starts leave
+            rows = warm.nonzero().squeeze(-1)
+            starts = [(rows, initial_tangent_vec[rows])]
         options = shooting
         if method == "auto":
             # A warm start is a hint: a few Newton steps, then the discrete route below.
             options = dict(
                 shooting, max_iter=min(shooting["max_iter"], _WARM_ITERATIONS), max_halvings=_POLISH_HALVINGS
             )
-        result = shooting_log(embed, point, base_point, initial_tangent_vec, **options)
-        result.method = method
+        result = LogResult(
+            point - base_point,
+            torch.zeros(len(point), dtype=torch.bool, device=point.device),
+            torch.full((len(point),), float("nan"), dtype=point.dtype, device=point.device),
+            torch.zeros(len(point), dtype=torch.long, device=point.device),
+            _default_log_tol(point.dtype) if shooting["tol"] is None else shooting["tol"],
+            method,
+        )
+        for rows, start in starts:
+            if len(rows):
+                shot = shooting_log(embed, point[rows], base_point[rows], start, **options)
+                _merge(result, rows, shot, torch.ones_like(shot.converged))
         # A degenerate ODE "converges" to the straight line, which is not the geodesic:
         # never claimed, and not retried (only method="energy" or "auto" solve those).
         result.converged &= ~kinked
@@ -312,7 +332,9 @@ def log_map(
     initial_tangent_vec : Tensor, shape=[n, d], optional
         Warm start for shooting (``max_iter`` Newton iterations with
         ``method="shooting"``; at most 4 with ``"auto"``, which solves the pairs
-        left by the discrete route).
+        left by the discrete route). A row of NaN: no warm start for that pair
+        (shooting starts from the straight line; ``auto`` solves it with the
+        pairs the warm starts leave).
     method : {"auto", "shooting", "energy"}
     options : ODEOptions
     regularization : float

@@ -36,7 +36,7 @@ from .decoders import Decoder, MetricDecoder, as_decoder  # noqa: E402
 from .errors import ConvergenceError, ConvergenceWarning, DecoderError  # noqa: E402
 from .discrete import arc_length_times, energy_log, interpolate_curve  # noqa: E402
 from .geodesics import LogResult, ODEOptions, exp, geodesic_flow, geodesic_ivp  # noqa: E402
-from .logarithm import METHODS, _assembled, log_map, piecewise_linear_pairs  # noqa: E402
+from .logarithm import METHODS, log_map, piecewise_linear_pairs  # noqa: E402
 from .transport import parallel_transport  # noqa: E402
 
 __all__ = ["PullbackManifold", "DecoderPullbackMetric", "ODEExpSolver", "ShootingLogSolver"]
@@ -729,11 +729,27 @@ class DecoderPullbackMetric(RiemannianMetric):
             (z1, z0, init), batch = self._prepare(
                 "base_point", True, point=point, base_point=base_point, initial_tangent_vec=initial_tangent_vec
             )
-        result = log_map(
+        result = self._log_map(z1, z0, init, method, chunk_size, progress, polish, lengths_only)
+        return result.reshape(batch)
+
+    def _log_map(
+        self,
+        point: Tensor,
+        base_point: Tensor,
+        initial_tangent_vec: Tensor | None,
+        method: str,
+        chunk_size: int | None = None,
+        progress: bool = False,
+        polish: bool = True,
+        lengths_only: bool = False,
+    ) -> LogResult:
+        """:func:`~pullback_manifold.logarithm.log_map` of checked, flat ``(n, d)`` arguments with
+        this space's settings (a NaN row of ``initial_tangent_vec``: no warm start there)."""
+        return log_map(
             self._embed,
-            z1,
-            z0,
-            initial_tangent_vec=init,
+            point,
+            base_point,
+            initial_tangent_vec=initial_tangent_vec,
             method=method,
             options=self.ode_options,
             regularization=self.regularization,
@@ -745,7 +761,6 @@ class DecoderPullbackMetric(RiemannianMetric):
             polish=polish,
             lengths_only=lengths_only,
         )
-        return result.reshape(batch)
 
     def _reported_log(self, point, base_point, what: str, **kwargs) -> LogResult:
         """:meth:`solve_log`, then warn or raise per ``on_failure`` under the name ``what``."""
@@ -1124,14 +1139,11 @@ class ShootingLogSolver(LogSolver):
         """:meth:`log`'s result when only the pairs with a finite ``guess`` are warm-started."""
         m = self.metric
         (z1, z0), batch = m._prepare("base_point", True, point=point, base_point=base_point)
-        flat_guess = guess.expand(*batch, m.dim).reshape(-1, m.dim)
-        warm = torch.isfinite(flat_guess).all(-1)
-        parts = []
-        for rows, init in ((warm.nonzero().squeeze(-1), flat_guess), ((~warm).nonzero().squeeze(-1), None)):
-            if len(rows):  # an empty result has no tolerance
-                guess = None if init is None else init[rows]
-                parts.append((rows, m.solve_log(z1[rows], z0[rows], initial_tangent_vec=guess)))
-        result = _assembled(z1, parts, m.log_method)
+        flat_guess = guess.expand(*batch, m.dim).reshape(-1, m.dim).to(dtype=z1.dtype, device=z1.device)
+        # One solve: under auto, the pairs without a warm start go the discrete route in the same
+        # batches as those their warm start left (two solves, one after the other, cost an
+        # energy call and several ODE solves more per FrechetMean iteration).
+        result = m._log_map(z1, z0, flat_guess, m.log_method)
         m._report(result.n_failed, len(z1), "log", int((result.piecewise_linear & ~result.converged).sum()))
         return result.reshape(batch)
 

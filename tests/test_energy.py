@@ -370,6 +370,48 @@ def test_auto_gives_a_warm_start_a_few_newton_steps_then_the_discrete_route(monk
     assert calls[0][0]["max_iter"] == 6
 
 
+def test_pairs_without_a_warm_start_share_the_discrete_route_with_those_a_warm_start_left(monkeypatch):
+    """A NaN row of initial_tangent_vec is a pair without a warm start (the geomstats log
+    solver warm-starts only the pairs whose base point moved little). Under auto, those pairs
+    and the ones their warm start did not solve take the discrete route together: one energy
+    call, one polish batch. Under shooting they start from shooting's own first guess."""
+    from pullback_manifold import logarithm
+
+    shots, energies = [], []
+    shooting_log, energy_log = logarithm.shooting_log, logarithm.energy_log
+
+    def shoot(*args, **kwargs):
+        result = shooting_log(*args, **kwargs)
+        shots.append((args[1].clone(), args[3], result.converged.clone()))
+        return result
+
+    def energy(*args, **kwargs):
+        energies.append(args[1].clone())
+        return energy_log(*args, **kwargs)
+
+    monkeypatch.setattr(logarithm, "shooting_log", shoot)
+    monkeypatch.setattr(logarithm, "energy_log", energy)
+    space = PullbackManifold(inverse_stereographic, dim=2)
+    g = torch.Generator().manual_seed(7)
+    z0, z1 = sample_cap(3, 1.0, g), sample_cap(3, 1.0, g)
+    exact = space.metric.solve_log(z1, z0, method="shooting").tangent_vec
+    turn = torch.tensor([[math.cos(3.0), -math.sin(3.0)], [math.sin(3.0), math.cos(3.0)]], dtype=F64)
+    nan = torch.full((2,), float("nan"), dtype=F64)
+    warm = torch.stack([exact[0], nan, exact[2] @ turn.T])  # solved from it, none, left by it
+    shots.clear(), energies.clear()
+    result = space.metric._log_map(z1, z0, warm, "auto")
+    assert torch.equal(shots[0][0], z1[[0, 2]])
+    assert shots[0][2].tolist() == [True, False], "this test needs a pair its warm start leaves"
+    assert len(energies) == 1 and torch.equal(energies[0], z1[1:])
+    assert len(shots) == 2 and torch.equal(shots[1][0], z1[1:])  # one polish batch
+    assert result.converged.all()
+    torch.testing.assert_close(result.tangent_vec, exact, rtol=0, atol=1e-6)
+    shots.clear()
+    result = space.metric._log_map(z1, z0, warm, "shooting")
+    assert [(len(points), start is None) for points, start, _ in shots[:2]] == [(2, False), (1, True)]
+    torch.testing.assert_close(result.tangent_vec[result.converged], exact[result.converged], rtol=0, atol=1e-6)
+
+
 def test_newton_stops_within_its_tolerance_of_the_minimizer():
     """The discrete-geodesic Newton iteration may stop without taking the step that would
     confirm convergence, when two Newton steps in a row contracted quadratically. The nodes
