@@ -30,6 +30,7 @@ from .errors import DecoderError
 from .jets import (
     Jet,
     OutputLayer,
+    coordinate_basis,
     generic,
     head_jet,
     module_jet,
@@ -696,7 +697,7 @@ class MetricDecoder(Decoder):
         dG : Tensor, shape=[d, n, d, d]
             ``dG[a] = dG / dz_a``.
         """
-        basis = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)[:, None, :].expand(z.shape[-1], *z.shape)
+        basis = coordinate_basis(z)
         return torch.func.vmap(lambda t: torch.func.jvp(self.metric, (z,), (t,)), out_dims=(None, 0))(basis)
 
     def metric_second_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -719,7 +720,7 @@ class MetricDecoder(Decoder):
         ddG : Tensor, shape=[d, d, n, d, d]
             ``ddG[b, a] = d^2 G / dz_b dz_a``.
         """
-        basis = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)[:, None, :].expand(z.shape[-1], *z.shape)
+        basis = coordinate_basis(z)
         (G, dG), (_, ddG) = torch.func.vmap(
             lambda t: torch.func.jvp(self.metric_and_derivatives, (z,), (t,)), out_dims=((None, None), 0)
         )(basis)

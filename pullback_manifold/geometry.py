@@ -28,6 +28,7 @@ from torch.func import jvp, vmap
 
 from .decoders import Decoder, MetricDecoder, _concatenate, _flatten_jet, casts_to_input
 from .jets import Jet, propagate, stacked_gram
+from .jets import coordinate_basis as _basis
 
 # A map whose pull-back is the metric, or a MetricDecoder giving the metric directly.
 Embedding = Callable[[Tensor], Tensor] | MetricDecoder
@@ -45,12 +46,6 @@ __all__ = [
     "curve_length",
     "curve_energy",
 ]
-
-
-def _basis(z: Tensor) -> Tensor:
-    """Coordinate directions broadcast over the batch: ``(d, n, d)``."""
-    n, d = z.shape
-    return torch.eye(d, dtype=z.dtype, device=z.device)[:, None, :].expand(d, n, d)
 
 
 def _directional_derivatives(fn: Callable[[Tensor], Tensor], z: Tensor, tangents: Tensor) -> Tensor:

@@ -52,6 +52,7 @@ from .errors import DecoderError
 __all__ = [
     "Jet",
     "OutputLayer",
+    "coordinate_basis",
     "has_rule",
     "head_jet",
     "module_jet",
@@ -97,6 +98,12 @@ class Jet:
 
     def replace(self, value: Tensor, first: Tensor, second: Tensor | None) -> Jet:
         return Jet(value, first, second, self.pair)
+
+
+def coordinate_basis(z: Tensor) -> Tensor:
+    """The coordinate directions of points ``z`` ``(n, d)``, broadcast over the batch: ``(d, n, d)``."""
+    n, d = z.shape
+    return torch.eye(d, dtype=z.dtype, device=z.device)[:, None, :].expand(d, n, d)
 
 
 def _rows(x: Tensor) -> Tensor:

@@ -521,7 +521,7 @@ class DecoderPullbackMetric(RiemannianMetric):
             return geometry.christoffels(self._embed, x, self.regularization)
 
         gamma = gamma_fn(z)
-        basis = torch.eye(d, dtype=z.dtype, device=z.device)[:, None, :].expand(d, z.shape[0], d)
+        basis = geometry._basis(z)
         dgamma = torch.func.vmap(lambda t: torch.func.jvp(gamma_fn, (z,), (t,))[1])(basis).permute(1, 2, 3, 4, 0)
         prod = torch.einsum("...ijk,...klm->...ijlm", gamma, gamma)
         riemann = (
