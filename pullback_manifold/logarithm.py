@@ -208,7 +208,7 @@ def _log_chunk(
     if method == "shooting":
         guess, _, _ = energy_log(energy_embed, point[todo], base_point[todo], n_segments=8, n_refinements=1)
         polish_rows = torch.arange(len(todo), device=point.device)
-        groups = [(polish_rows, shooting)]
+        polish_options = shooting
     else:
         # auto: the discrete geodesic refined until its length is certified (the
         # answer where shooting cannot follow: geodesics along a sigma wall are
@@ -232,13 +232,16 @@ def _log_chunk(
             miss = torch.linalg.vector_norm(end - point[rows], dim=-1) / (1 + point[rows].abs().amax(-1))
             to_polish[certified] = ok & (miss <= _POLISH_GATE)
         polish_rows = to_polish.nonzero().squeeze(-1)
-        polish_options = dict(shooting, max_iter=min(shooting["max_iter"], _POLISH_ITERATIONS), reuse_jacobian=True)
         # Inside Newton's range (certified, through the gate): fewer step halvings. One batch
         # for both kinds of pairs: a solve costs about the same for one pair as for ten (the
         # decoder calls are overhead-bound), and two batches doubled the sequential solves.
-        gated = guess.converged[polish_rows]
-        halvings = torch.where(gated, _POLISH_HALVINGS, DEFAULT_HALVINGS)
-        groups = [(polish_rows, dict(polish_options, max_halvings=halvings))]
+        halvings = torch.where(guess.converged[polish_rows], _POLISH_HALVINGS, DEFAULT_HALVINGS)
+        polish_options = dict(
+            shooting,
+            max_iter=min(shooting["max_iter"], _POLISH_ITERATIONS),
+            reuse_jacobian=True,
+            max_halvings=halvings,
+        )
     if result is None:
         result = LogResult(
             guess.tangent_vec.clone(),
@@ -248,12 +251,11 @@ def _log_chunk(
             _default_log_tol(point.dtype) if shooting["tol"] is None else shooting["tol"],
             method,
         )
-    for group, options in groups:
-        if len(group):
-            rows = todo[group]
-            polished = shooting_log(embed, point[rows], base_point[rows], guess.tangent_vec[group], **options)
-            better = polished.converged | ~(polished.residual >= result.residual[rows])  # NaN-safe: keep the smaller
-            _merge(result, rows, polished, better)
+    if len(polish_rows):
+        rows = todo[polish_rows]
+        polished = shooting_log(embed, point[rows], base_point[rows], guess.tangent_vec[polish_rows], **polish_options)
+        better = polished.converged | ~(polished.residual >= result.residual[rows])  # NaN-safe: keep the smaller
+        _merge(result, rows, polished, better)
     if method == "shooting" or result.all_converged:
         return result
     # The discrete geodesic answers where shooting did not converge, if it is certified,
