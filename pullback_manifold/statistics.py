@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .manifold import DecoderPullbackMetric, _as_tensor
+from .manifold import SUPPORTED_DTYPES, DecoderPullbackMetric, _as_tensor
 
 __all__ = ["pairwise_dists"]
 
@@ -97,7 +97,7 @@ def pairwise_dists(space, points_a, points_b=None, *, chunk_size: int | None = N
     else:
         grid = torch.meshgrid(torch.arange(n_a, device=a.device), torch.arange(n_b, device=a.device), indexing="ij")
         rows, cols = (idx.reshape(-1) for idx in grid)
-    distinct = (a[rows] != b[cols]).reshape(len(rows), -1).any(-1)  # identical points: distance 0, nothing to solve
+    distinct = (a[rows] != b[cols]).flatten(1).any(-1)  # identical points: distance 0, nothing to solve
     rows, cols = rows[distinct], cols[distinct]
 
     if len(rows):
@@ -121,6 +121,8 @@ def _as_points(points, name: str, shape: tuple[int, ...]) -> Tensor:
     if points.dim() != 1 + len(shape) or tuple(points.shape[1:]) != shape:
         expected = ", ".join(map(str, ("n", *shape)))
         raise ValueError(f"{name} has shape {tuple(points.shape)}: expected ({expected}), a batch of points")
-    if not points.is_floating_point():
-        raise TypeError(f"{name} has dtype {points.dtype}: expected a floating dtype (float32 or float64)")
+    if points.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {points.dtype}: expected float32 or float64; convert it with {name}.to(torch.float64)"
+        )
     return points

@@ -20,13 +20,17 @@ or an operation of several jets without a rule here. The trace is kept per modul
 and made again when a hook is added or removed, a parameter or buffer is replaced (a
 weight tied to another layer's), or an attribute of the module or of a submodule
 other than a tensor or a submodule changes (numbers, flags, tuples, containers,
-functions: ``forward`` may read them); this is compared at every decoder pass. Tracing turns ``h += x`` into
-``h = h + x``, which computes something else where another name still holds the
-old ``h``: so the traced values are compared with the module's own output at the
-first call with each set of parameters and buffers (each cast, each in-place
-update), and, for a trace where that can happen (the old ``h``, or anything computed
-from it before the sum, used after it), at every public call (a write through ``.data`` changes no version); a
-module whose values differ is differentiated by ``torch.func``.
+functions: ``forward`` may read them); this is compared at every decoder pass. What the
+fingerprint cannot see is checked by values: the traced values are compared with the
+module's own output at the first pass of every public call and with each set of
+parameters and buffers (each cast, each in-place update; a write through ``.data``
+changes no version). A trace whose values differ is made again where its constants are
+out of date (tracing reads a global, or an attribute of an object that the fingerprint
+compares by identity such as ``self.cfg.scale``, once); where it may alias, or after two
+such traces in a row, the module is differentiated by ``torch.func``. Tracing turns
+``h += x`` into ``h = h + x``, which computes something else where another name still
+holds the old ``h`` (anything computed from it before the sum, used after it): such a
+trace may alias.
 
 A trace that ends in a widening ``nn.Linear`` (reshaped at most; or an
 ``nn.Sequential`` ending in one) gives the input ``h`` of that layer
@@ -113,16 +117,16 @@ _EPOCH = [0]
 
 
 def new_epoch() -> None:
-    """A new public call: values of traces that may differ from their module's are checked
-    again (see :func:`_may_alias`)."""
+    """A new public call: the values of every trace are checked again at its first pass (a
+    write through ``.data``, a global or an object attribute that ``forward`` reads may have
+    changed; see :func:`_same_values`)."""
     _EPOCH[0] += 1
 
 
 def _state_key(state: dict[str, Tensor], entry: _Entry) -> tuple:
-    """The tensors of ``state`` and their versions (in-place updates); and the epoch, for a
-    trace that may differ from its module where the state's values do."""
-    epoch = _EPOCH[0] if entry.may_alias else None
-    return (epoch, *((name, id(t), t._version) for name, t in state.items()))
+    """The epoch (public call), the tensors of ``state`` and their versions (in-place updates):
+    a trace's values are checked once per key."""
+    return (_EPOCH[0], *((name, id(t), t._version) for name, t in state.items()))
 
 
 # What ``h += x`` (and ``-=``, ``*=`` ...) becomes in a trace.
@@ -201,6 +205,11 @@ class _Entry:
         self.may_alias = False if graph is None else _may_alias(module, graph.graph)
         if self.may_alias is None:
             self.graph = None
+        # Values found to differ from the module's where the trace cannot alias: constants that
+        # tracing read (a global, an attribute of an object the fingerprint compares by identity)
+        # have changed since. Traced again at the next pass, up to _MAX_STALE_TRACES in a row.
+        self.stale = False
+        self.stale_traces = 0
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
@@ -211,6 +220,9 @@ _MAX_TRACES = 8
 _CHECKED_STATES = 4
 # Unexpected errors in interpreting a trace before the module is left to torch.func.
 _MAX_ERRORS = 3
+# Traces in a row whose values differed from the module's at their first check (each made
+# after the previous one's check failed) before the module is left to torch.func.
+_MAX_STALE_TRACES = 2
 
 
 def _entry(module: nn.Module) -> _Entry:
@@ -222,12 +234,12 @@ def _entry(module: nn.Module) -> _Entry:
         cached.uses += 1
         return cached
     fingerprint = _fingerprint(module)
-    if cached is not None and cached.fingerprint == fingerprint:
+    if cached is not None and cached.fingerprint == fingerprint and not cached.stale:
         cached.uses += 1
         cached.hold = hold
         return cached
-    if cached is not None and cached.traces >= _MAX_TRACES:
-        cached.fingerprint, cached.graph = fingerprint, None  # left to torch.func for good
+    if cached is not None and (cached.traces >= _MAX_TRACES or cached.stale_traces >= _MAX_STALE_TRACES):
+        cached.fingerprint, cached.graph, cached.stale = fingerprint, None, False  # left to torch.func for good
         return cached
     # Attributes changed: a new trace (a churning one if the last was hardly used).
     traces = 1 if cached is None or cached.uses > 1 else cached.traces + 1
@@ -242,8 +254,9 @@ def _entry(module: nn.Module) -> _Entry:
                 graph = fx.GraphModule(module, traced)
         except Exception:  # noqa: BLE001 -- any failure to trace means the torch.func path
             graph = None
+    stale_traces = cached.stale_traces + 1 if cached is not None and cached.stale else 0
     entry = _GRAPHS[module] = _Entry(module, fingerprint, graph, traces)
-    entry.hold = hold
+    entry.hold, entry.stale_traces = hold, stale_traces
     return entry
 
 
@@ -402,8 +415,11 @@ def _interpret(module: nn.Module, entry: _Entry, state: dict[str, Tensor], jet: 
                     z = jet.value if isinstance(jet, Jet) else jet
                     values = tuple(o.value if isinstance(o, Jet) else o for o in outs)
                     if not _same_values(module, state, z, values if isinstance(out, (tuple, list)) else values[0]):
+                        # Where it cannot alias, the trace is out of date: traced again next pass.
+                        entry.stale = not entry.may_alias
                         raise _Unsupported("the traced graph computes other values than the module")
                     entry.checked = [*entry.checked[-(_CHECKED_STATES - 1) :], key]
+                    entry.stale_traces = 0
                 return outs if isinstance(out, (tuple, list)) else out
     except _Unsupported:
         entry.graph = None

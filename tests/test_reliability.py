@@ -36,6 +36,7 @@ from pullback_manifold import (
     GaussianDecoder,
     ODEOptions,
     PullbackManifold,
+    pairwise_dists,
 )
 
 F64 = torch.float64
@@ -195,7 +196,6 @@ def test_exp_of_an_empty_batch_is_empty(counted):
         (dict(regularization=-1e-3), ValueError, "regularization must be a finite float >= 0"),
         (dict(regularization=NAN), ValueError, "regularization must be a finite float >= 0"),
         (dict(ode_options={"max_num_steps": 10}), TypeError, "ode_options must be an ODEOptions"),
-        (dict(ode_options=ODEOptions(max_num_steps=0)), ValueError, "ode_options.max_num_steps must be a positive int"),
         (dict(max_iter=0), ValueError, "max_iter must be a positive int"),
         (dict(log_tol=-1e-8), ValueError, "log_tol must be a positive float"),
         (dict(log_method="newton"), ValueError, "log_method must be one of"),
@@ -213,8 +213,89 @@ def test_bad_settings_fail_at_construction(kwargs, error, fragment):
 
 
 def test_numpy_integer_settings_are_accepted():
-    space = PullbackManifold(tanh_mlp(2, 3, hidden=4, seed=0), dim=np.int64(2), chunk_size=np.int64(8))
+    space = PullbackManifold(
+        tanh_mlp(2, 3, hidden=4, seed=0), dim=np.int64(2), chunk_size=np.int64(8), max_iter=np.int64(5)
+    )
     assert space.dim == 2 and type(space.dim) is int and space.metric.chunk_size == 8
+    assert type(space.metric.max_iter) is int and space.metric.max_iter == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(method="rk45"), "ODEOptions.method must be a torchdiffeq method"),
+        # Without a step size a fixed-step method takes one step over [0, 1]: silently wrong.
+        (dict(method="rk4"), "ODEOptions(method='rk4') needs a positive step_size"),
+        (dict(method="euler", step_size=-0.1), "ODEOptions(method='euler') needs a positive step_size"),
+        (dict(step_size=0.01), "ODEOptions.step_size is for fixed-step methods"),
+        (dict(rtol=-1.0), "ODEOptions.rtol must be a positive finite float"),
+        (dict(atol=NAN), "ODEOptions.atol must be a positive finite float"),
+        (dict(max_num_steps=0), "ODEOptions.max_num_steps must be a positive int"),
+        (dict(max_num_steps=2.5), "ODEOptions.max_num_steps must be a positive int"),
+    ],
+)
+def test_bad_ode_options_fail_at_construction(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        ODEOptions(**kwargs)
+
+
+def test_a_fixed_step_method_with_a_step_size_integrates_the_geodesic():
+    decoder = tanh_mlp(2, 6, hidden=8, seed=1)
+    v = torch.tensor([0.8, -0.5], dtype=F64)
+    z = torch.tensor([0.1, 0.2], dtype=F64)
+    reference = PullbackManifold(decoder, dim=2).metric.exp(v, z)
+    rk4 = PullbackManifold(decoder, dim=2, ode_options=ODEOptions(method="rk4", step_size=1e-2)).metric.exp(v, z)
+    # RK4's global error at h = 0.01 is O(h^4): far below the chord between the two end points
+    assert (rk4 - reference).norm() < 1e-6 * v.norm()
+
+
+def test_chunk_size_of_a_call_is_checked():
+    metric = PullbackManifold(tanh_mlp(2, 3, hidden=4, seed=0), dim=2).metric
+    z = torch.zeros(2, 2, dtype=F64)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        metric.solve_log(z + 0.1, z, chunk_size=1.5)
+    assert metric.solve_log(z + 0.1, z, chunk_size=np.int64(1)).converged.all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_points_are_rejected_at_the_entry(dtype):
+    space = PullbackManifold(tanh_mlp(2, 3, hidden=4, seed=0), dim=2)
+    z = torch.zeros(3, 2, dtype=dtype)
+    for call in (lambda: space.metric.metric_matrix(z), lambda: space.metric.exp(z, z), lambda: pairwise_dists(space, z)):
+        with pytest.raises(TypeError, match="expected float32 or float64"):
+            call()
+
+
+def test_decoder_mixing_rows_or_sampling_is_named_as_such():
+    """The geometry decodes one point at a time (vmap): a decoder whose rows depend on each other
+    or on random draws would give a meaningless metric (a zero Jacobian for ``x - x.mean(0)``)."""
+    W = torch.randn(6, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    z = torch.tensor([[0.0, 0.0], [1.0, 0.5]], dtype=F64)
+    gen = torch.Generator().manual_seed(1)
+    decoders = {
+        "centred": lambda x: torch.tanh((x - x.mean(0, keepdim=True)) @ W.T),
+        "sampling": lambda x: torch.tanh(x @ W.T) * (1 + 0.1 * torch.randn(len(x), 6, dtype=x.dtype, generator=gen)),
+    }
+    for decoder in decoders.values():
+        with pytest.raises(DecoderError, match="depends on the other rows of its batch, or changes from call to call"):
+            PullbackManifold(decoder, dim=2).metric.metric_matrix(z)
+    # A row-by-row decoder passes, in float32 too (rounding of batched products is not a difference).
+    for dtype in (F64, torch.float32):
+        G = PullbackManifold(lambda x: torch.tanh(x @ W.T.to(x.dtype)), dim=2).metric.metric_matrix(z.to(dtype))
+        assert torch.isfinite(G).all()
+
+
+def test_wrong_dim_is_named_in_the_decoder_error():
+    with pytest.raises(DecoderError, match="check that dim=3 is the decoder's latent dimension"):
+        PullbackManifold(torch.nn.Linear(2, 4), dim=3).metric.metric_matrix(torch.zeros(3))
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_pairwise_dists_of_zero_or_one_point(n):
+    space = PullbackManifold(tanh_mlp(2, 3, hidden=4, seed=0), dim=2)
+    dists = pairwise_dists(space, torch.zeros(n, 2, dtype=F64))
+    assert dists.shape == (n, n) and (dists == 0).all()
+    assert pairwise_dists(space, torch.zeros(n, 2, dtype=F64), torch.ones(2, 2, dtype=F64)).shape == (n, 2)
 
 
 # ------------------------------------------------------------------- decoders
@@ -273,7 +354,7 @@ def test_decoder_written_for_one_point_is_a_decoder_error():
 
 def test_decoder_with_wrong_dtype_says_how_to_fix_it():
     W = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))  # float32 weights
-    with pytest.raises(DecoderError, match="Pass points with the decoder's dtype and device, or an nn.Module"):
+    with pytest.raises(DecoderError, match="pass points with the decoder's dtype and device, or an nn.Module"):
         PullbackManifold(lambda z: z @ W.T, dim=2).metric.metric_matrix(P)
     with pytest.raises(DecoderError, match="returned dtype torch.float32 for torch.float64 points"):
         PullbackManifold(lambda z: torch.tanh(z).float(), dim=2).metric.metric_matrix(P)

@@ -795,3 +795,39 @@ def test_a_trace_used_twice_per_setting_is_kept():
         for _ in range(2):
             space.metric.metric_matrix(z)
     assert traced._GRAPHS[net].graph is not None
+
+
+class ReadsConfigAndGlobal(nn.Module):
+    """Reads a number from a config object and another from a module global: tracing burns
+    both in as constants, and the fingerprint sees the object by identity only."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(3, 6)
+        self.cfg = cfg
+
+    def forward(self, z):
+        return torch.tanh(self.fc(z)) * self.cfg.scale + GLOBAL_SHIFT[0] * z.sum(-1, keepdim=True)
+
+
+GLOBAL_SHIFT = [0.0]
+
+
+def test_a_config_object_or_global_read_by_forward_is_not_frozen_in_the_trace():
+    """Changed between public calls, they give a fresh space's metric; the module is traced
+    again (not left to torch.func)."""
+    import types
+
+    torch.manual_seed(0)
+    cfg = types.SimpleNamespace(scale=1.0)
+    net = ReadsConfigAndGlobal(cfg).double()
+    space = PullbackManifold(net, dim=3)
+    z = torch.randn(4, 3, dtype=F64)
+    space.metric.metric_matrix(z)
+    for scale, shift in ((3.0, 0.0), (3.0, 0.7), (0.5, -0.2)):
+        cfg.scale, GLOBAL_SHIFT[0] = scale, shift
+        J = torch.func.vmap(torch.func.jacfwd(lambda x: net(x[None])[0]))(z)
+        torch.testing.assert_close(space.metric.metric_matrix(z), J.transpose(-1, -2) @ J, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(space.metric.dist(z[:2], z[2:]), PullbackManifold(net, dim=3).metric.dist(z[:2], z[2:]))
+        assert traced._GRAPHS[net].graph is not None
+    GLOBAL_SHIFT[0] = 0.0
