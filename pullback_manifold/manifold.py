@@ -347,9 +347,12 @@ class DecoderPullbackMetric(RiemannianMetric):
         if key in self._validated or z.shape[0] == 0:
             return
         probe = z[:2]
+        trial = probe.clone()  # the caller's points stay intact if the decoder writes into its input
         try:
-            out = self._embed(probe)
-        except (RuntimeError, IndexError) as err:  # IndexError: a decoder written for one point z[0], z[1]
+            out = self._embed(trial)
+        except (DecoderError, TypeError):  # the library's own checks of the output (TypeError: its dtype)
+            raise
+        except Exception as err:  # noqa: BLE001 -- whatever the user's code raises, with this context
             raise DecoderError(
                 f"the decoder failed on latent points of shape {tuple(probe.shape)}, dtype {z.dtype}, "
                 f"device {z.device}: {type(err).__name__}: {err}. It must map a batch (n, {self.dim}) to "
@@ -357,6 +360,12 @@ class DecoderPullbackMetric(RiemannianMetric):
                 "points with the decoder's dtype and device, or an nn.Module or a method of one such as "
                 "vae.decode (cast to the points' dtype and device automatically)."
             ) from err
+        if not torch.equal(trial, probe):
+            raise DecoderError(
+                "the decoder modified its input in place (e.g. z.mul_(2), z += 1, or an in-place "
+                "activation applied to z itself): the solvers pass it their own tensors. Compute on a "
+                "copy (z = z * 2) instead"
+            )
         if not torch.isfinite(out).all():
             raise DecoderError(
                 f"the decoder returned NaN or Inf at latent points {probe.tolist()}: "
@@ -399,8 +408,10 @@ class DecoderPullbackMetric(RiemannianMetric):
             return
         try:
             with torch.no_grad():
-                alone = torch.cat([self._embed(probe[i : i + 1]) for i in range(probe.shape[0])])
-        except (RuntimeError, IndexError) as err:
+                alone = torch.cat([self._embed(probe[i : i + 1].clone()) for i in range(probe.shape[0])])
+        except (DecoderError, TypeError):
+            raise
+        except Exception as err:  # noqa: BLE001 -- whatever the user's code raises, with this context
             raise DecoderError(
                 f"the decoder failed on a batch of one latent point ({type(err).__name__}: {err}), where a batch "
                 f"of {probe.shape[0]} worked: it must map any batch (n, {self.dim}) to (n, ...), n = 1 included"
@@ -748,7 +759,8 @@ class DecoderPullbackMetric(RiemannianMetric):
         -------
         result : LogResult
             ``tangent_vec`` ``(..., d)``; ``converged``, ``residual``,
-            ``n_iterations``, ``from_energy`` ``(...)``.
+            ``n_iterations``, ``from_energy`` ``(...)``. Not differentiable: see
+            :meth:`squared_dist` for gradients of distances.
         """
         method = self.log_method if method is None else method
         if method not in METHODS:
@@ -1160,7 +1172,12 @@ class ShootingLogSolver(LogSolver):
         return torch.where(near.unsqueeze(-1), last_vec - move, torch.nan)
 
     def log(self, point, base_point):
-        """Initial velocity of the geodesic from ``base_point`` to ``point``, shape ``(..., d)``."""
+        """Initial velocity of the geodesic from ``base_point`` to ``point``, shape ``(..., d)``.
+
+        Not differentiable (an iterative solve, on detached points): for gradients of
+        distances use ``metric.squared_dist`` (first variation of the energy), and of
+        points along a geodesic ``metric.exp`` (variational equations).
+        """
         m = self.metric
         guess = self._initial_guess(point, base_point)
         if guess is None or torch.isfinite(guess).all():
