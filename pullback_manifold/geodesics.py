@@ -405,19 +405,36 @@ class LogResult:
         return int((~self.converged).sum())
 
     def summary(self) -> str:
-        """One line: how many pairs converged, and the worst residual."""
+        """One line: how many pairs converged, and for each kind of answer its criterion and
+        its worst residual (shooting: the end-point error; the energy method: the estimated
+        relative length error)."""
         n = self.converged.numel()
-        finite = self.residual[torch.isfinite(self.residual)]
-        worst = float(finite.max()) if finite.numel() else float("nan")
-        n_energy = int(self.from_energy.sum())
-        energy = f", {n_energy} answered by the energy method" if n_energy else ""
-        n_kinked = int(self.piecewise_linear.sum())
-        if n_kinked:
-            energy += f" ({n_kinked} along a piecewise-linear decoder: approximate)"
-        return (
-            f"{self.method}: {n - self.n_failed}/{n} pairs converged (tol {self.tol:.1e}){energy}, "
-            f"max residual {worst:.2e}, max iterations {int(self.n_iterations.max()) if n else 0}"
-        )
+
+        def worst(rows: Tensor) -> float:
+            values = self.residual[rows]
+            values = values[torch.isfinite(values)]
+            return float(values.max()) if values.numel() else float("nan")
+
+        kinds = []
+        n_shot = n - int(self.from_energy.sum())
+        if n_shot:
+            kinds.append(
+                f"{n_shot} answered by shooting (end-point residual <= {self.tol:.1e} (1 + max|point|): "
+                f"max {worst(~self.from_energy):.2e})"
+            )
+        if n - n_shot:
+            rtol = "energy_rtol" if self.energy_rtol is None else f"{self.energy_rtol:.1e}"
+            verb = "by" if kinds else "answered by"
+            kinds.append(
+                f"{n - n_shot} {verb} the energy method (estimated relative length error <= {rtol}: "
+                f"max {worst(self.from_energy):.2e})"
+            )
+            n_kinked = int(self.piecewise_linear.sum())
+            if n_kinked:
+                kinds[-1] += f", {n_kinked} of them along a piecewise-linear decoder (approximate)"
+        iterations = int(self.n_iterations.max()) if n else 0
+        head = f"{self.method}: {n - self.n_failed}/{n} pairs converged"
+        return "; ".join([head, *([", ".join(kinds)] if kinds else []), f"max iterations {iterations}"])
 
     def __getitem__(self, index) -> LogResult:
         """The pairs ``index`` selects along the batch axes (a slice, mask or index tensor)."""

@@ -222,6 +222,14 @@ def plot_latent_points(
     labels = torch.as_tensor(labels).detach().cpu()
     if labels.shape != points.shape[:1]:
         raise ValueError(f"labels must have shape ({len(points)},), got {tuple(labels.shape)}")
+    # Classes are integers >= 0 (a float k would pick a colour at the fraction k of the colormap).
+    if labels.is_floating_point() and bool((labels != labels.round()).any()):
+        raise ValueError("labels must be integer classes 0, 1, ...; got non-integer values")
+    labels = labels.long()
+    if bool((labels < 0).any()):
+        raise ValueError(f"labels must be integer classes 0, 1, ...; got {int(labels.min())}")
+    if class_names is not None and len(labels) and int(labels.max()) >= len(class_names):
+        raise ValueError(f"class {int(labels.max())} has no name: class_names has {len(class_names)} entries")
     colours = matplotlib.colormaps[cmap]
     collections = []
     for k in torch.unique(labels).tolist():

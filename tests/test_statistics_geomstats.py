@@ -469,3 +469,34 @@ def test_log_warm_start_keeps_each_calls_dtype_and_shape_and_moves_per_pair():
     torch.testing.assert_close(metric.log(points, moved), fresh, rtol=1e-6, atol=1e-9)
     # one solve: pairs 0 and 2 warm, pair 1 (NaN warm start) from scratch
     assert calls == [[True, False, True]], calls
+
+
+def test_log_warm_starts_only_from_shooting_answers():
+    """An energy answer's velocity is no shooting start: on a digits-VAE sigma wall Newton spent
+    its 4 warm iterations on ODE solves there and went the discrete route anyway (16.7 s
+    against 1.3 s cold for two pairs). Such pairs, and unconverged ones, get no warm start."""
+    metric = PullbackManifold(tanh_mlp(2, 5, hidden=16, seed=1), dim=2).metric
+    points = torch.tensor([[0.9, -0.2], [-0.4, 0.6], [0.2, 0.1]], dtype=F64)
+    bases = torch.tensor([[0.1, 0.2], [0.3, -0.1], [-0.5, 0.4]], dtype=F64)
+    reported = metric._reported_log
+
+    def partly_energy(*args, **kwargs):
+        result = reported(*args, **kwargs)
+        result.from_energy = torch.tensor([True, False, False])
+        result.converged = torch.tensor([True, True, False])
+        return result
+
+    metric._reported_log = partly_energy
+    solved = metric.log(points, bases)
+    metric._reported_log = reported
+    calls, log_map = [], metric._log_map
+
+    def spy(point, base_point, initial_tangent_vec, method, *args, **kwargs):
+        calls.append(torch.isfinite(initial_tangent_vec).all(-1).tolist())
+        return log_map(point, base_point, initial_tangent_vec, method, *args, **kwargs)
+
+    metric._log_map = spy
+    moved = bases + 1e-3
+    metric.log(points, moved)
+    assert calls == [[False, True, False]], calls  # only the shooting answer starts shooting
+    assert torch.isfinite(solved).all()

@@ -1,0 +1,31 @@
+"""Plotting helpers: classes and their colours."""
+
+import pytest
+import torch
+
+from pullback_manifold.plotting import plot_latent_points
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 -- after the backend is chosen
+
+
+def test_float_labels_are_classes_with_distinct_colours():
+    """A float class 1.0 once picked the colour at the fraction 1.0 of the colormap (the last),
+    the same as 2.0."""
+    z = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    fig, ax = plt.subplots()
+    try:
+        floats = plot_latent_points(ax, z, torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0]), class_names=["a", "b", "c"])
+        ints = plot_latent_points(ax, z, torch.tensor([0, 0, 1, 1, 2]))
+        colours = [tuple(c.get_facecolor()[0]) for c in floats]
+        assert len(set(colours)) == 3 and colours == [tuple(c.get_facecolor()[0]) for c in ints]
+        assert [c.get_label() for c in floats] == ["a", "b", "c"]
+        with pytest.raises(ValueError, match="integer classes"):
+            plot_latent_points(ax, z, torch.tensor([0.0, 0.5, 1.0, 1.0, 2.0]))
+        with pytest.raises(ValueError, match="integer classes"):
+            plot_latent_points(ax, z, torch.tensor([-1, 0, 1, 1, 0]), class_names=["a", "b"])
+        with pytest.raises(ValueError, match="class 2 has no name"):
+            plot_latent_points(ax, z, torch.tensor([0, 0, 1, 1, 2]), class_names=["a", "b"])
+    finally:
+        plt.close(fig)
