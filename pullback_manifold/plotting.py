@@ -104,6 +104,11 @@ def plot_curves(ax, curves: Tensor, **kwargs):
     lines : list of matplotlib Line2D
     """
     curves = torch.as_tensor(curves).detach().cpu()
+    if curves.dim() < 2 or curves.shape[-1] != 2:
+        raise ValueError(
+            f"curves must have shape (..., n_nodes, 2), got {tuple(curves.shape)}: a 2-D latent space's "
+            "curves (project others to two coordinates first)"
+        )
     if curves.dim() == 2:
         curves = curves[None]
     lines = []

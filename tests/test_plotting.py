@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pullback_manifold.plotting import plot_latent_points
+from pullback_manifold.plotting import plot_curves, plot_latent_points
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -27,5 +27,16 @@ def test_float_labels_are_classes_with_distinct_colours():
             plot_latent_points(ax, z, torch.tensor([-1, 0, 1, 1, 0]), class_names=["a", "b"])
         with pytest.raises(ValueError, match="class 2 has no name"):
             plot_latent_points(ax, z, torch.tensor([0, 0, 1, 1, 2]), class_names=["a", "b"])
+    finally:
+        plt.close(fig)
+
+
+def test_curves_of_another_latent_dimension_are_rejected():
+    """A 3-D curve once lost its third coordinate silently."""
+    fig, ax = plt.subplots()
+    try:
+        assert len(plot_curves(ax, torch.zeros(4, 5, 2))) == 4
+        with pytest.raises(ValueError, match=r"curves must have shape \(\.\.\., n_nodes, 2\), got \(5, 3\)"):
+            plot_curves(ax, torch.zeros(5, 3))
     finally:
         plt.close(fig)
