@@ -157,9 +157,16 @@ def train_vae(
         raise ValueError(f"data must have shape (n, D) (flatten images first), got {tuple(data.shape)}")
     x = data.to(torch.float32)
     n = x.shape[0]
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # the same initialization wherever x is
+    previous = torch.get_default_dtype()
+    # The same float32 initialization wherever x is and whatever the default dtype (under a
+    # float64 default the layers were float64 and the first batch failed).
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
-        model = GaussianVAE(x.shape[1], latent_dim, hidden, obs_std)
+        torch.set_default_dtype(torch.float32)
+        try:
+            model = GaussianVAE(x.shape[1], latent_dim, hidden, obs_std)
+        finally:
+            torch.set_default_dtype(previous)
     model = model.to(x.device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

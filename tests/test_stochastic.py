@@ -466,3 +466,21 @@ def test_gp_index_tensors_made_inside_a_transform_are_not_cached(gp):
     assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in cached)
     for a, b in zip(closed, by_jvp):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * b.abs().max().item())
+
+
+def test_train_vae_is_float32_and_the_same_under_a_float64_default():
+    """Under ``torch.set_default_dtype(torch.float64)`` (as float64 work suggests) the layers were
+    made float64 and the first float32 batch failed; the model is float32 either way, with the
+    same weights."""
+    from pullback_manifold.vae import train_vae
+
+    data = torch.rand(40, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    default = train_vae(data, epochs=2, hidden=8)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        under64 = train_vae(data.double(), epochs=2, hidden=8)
+    finally:
+        torch.set_default_dtype(previous)
+    for a, b in zip(default.parameters(), under64.parameters(), strict=True):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
