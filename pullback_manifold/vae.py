@@ -15,6 +15,7 @@ piecewise-linear network.
 from __future__ import annotations
 
 import functools
+import numbers
 import time
 from dataclasses import dataclass
 
@@ -153,8 +154,13 @@ def train_vae(
         float32, in eval mode.
     """
     data = torch.as_tensor(data)
-    if data.dim() != 2:
-        raise ValueError(f"data must have shape (n, D) (flatten images first), got {tuple(data.shape)}")
+    if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] == 0:
+        raise ValueError(f"data must have shape (n, D), n, D >= 1 (flatten images first), got {tuple(data.shape)}")
+    if not bool(torch.isfinite(data).all()):
+        raise ValueError("data contains NaN or Inf: training would make every weight NaN; drop or impute those rows")
+    for name, value in (("latent_dim", latent_dim), ("epochs", epochs), ("hidden", hidden), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     x = data.to(torch.float32)
     n = x.shape[0]
     previous = torch.get_default_dtype()

@@ -291,14 +291,18 @@ def fit_rbf_precision(
             raise ValueError("pass either residuals=..., or both data and mean_decoder (residuals = data - mean)")
         with torch.no_grad():
             data_t = torch.as_tensor(data)
+            if data_t.dim() == 0 or data_t.shape[0] != n:
+                raise ValueError(f"data has shape {tuple(data_t.shape)}: expected {n} rows, one per latent code")
             mean = mean_decoder(codes_t.to(_decoder_dtype(mean_decoder, codes_t)))
             residuals = data_t.reshape(n, -1).to(torch.float64) - mean.reshape(n, -1).to(torch.float64)
     elif data is not None or mean_decoder is not None:
         raise ValueError("pass residuals=... or (data, mean_decoder), not both")
     codes = _as_numpy(codes_t, "latent_codes")
-    res = _as_numpy(residuals, "residuals").reshape(n, -1)
-    if res.shape[0] != n:
-        raise ValueError(f"residuals/data have {res.shape[0]} rows but latent_codes has {n}")
+    res = _as_numpy(residuals, "residuals")
+    # Rows first: a reshape to (n, -1) would accept twice the rows as twice the outputs.
+    if res.ndim == 0 or res.shape[0] != n:
+        raise ValueError(f"residuals/data have shape {res.shape}: expected {n} rows, one per latent code")
+    res = res.reshape(n, -1)
     if not 1 <= n_centers <= n:
         raise ValueError(f"n_centers must be in [1, n={n}], got {n_centers}")
     if not curvature > 0 or not min_std >= 0 or not zeta > 0:

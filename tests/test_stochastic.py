@@ -484,3 +484,24 @@ def test_train_vae_is_float32_and_the_same_under_a_float64_default():
         torch.set_default_dtype(previous)
     for a, b in zip(default.parameters(), under64.parameters(), strict=True):
         assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_train_vae_and_fit_rbf_precision_check_their_data():
+    """NaN data trained every weight to NaN silently; residuals with twice the rows were read
+    as twice the outputs (the row check came after a reshape)."""
+    from pullback_manifold.vae import train_vae
+
+    data = torch.rand(20, 4, generator=torch.Generator().manual_seed(0))
+    bad = data.clone()
+    bad[3, 1] = float("nan")
+    for kwargs, fragment in (
+        (dict(data=bad), "NaN or Inf"),
+        (dict(data=data[:0]), r"shape \(n, D\)"),
+        (dict(data=data, batch_size=0), "batch_size must be a positive int"),
+        (dict(data=data, latent_dim=0), "latent_dim must be a positive int"),
+    ):
+        with pytest.raises(ValueError, match=fragment):
+            train_vae(**kwargs)
+    codes = torch.randn(10, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="expected 10 rows"):
+        fit_rbf_precision(codes, residuals=torch.randn(20, 3, dtype=torch.float64))
