@@ -410,24 +410,26 @@ class LogResult:
         relative length error)."""
         n = self.converged.numel()
 
-        def worst(rows: Tensor) -> float:
+        def worst(rows: Tensor) -> str:
             values = self.residual[rows]
-            values = values[torch.isfinite(values)]
-            return float(values.max()) if values.numel() else float("nan")
+            failed = int(torch.isnan(values).sum())
+            finite = values[torch.isfinite(values)]
+            text = f"{float(finite.max()):.2e}" if finite.numel() else "none finite"
+            return text + (f", {failed} failed solve{'s' * (failed > 1)} (NaN)" if failed else "")
 
         kinds = []
         n_shot = n - int(self.from_energy.sum())
         if n_shot:
             kinds.append(
                 f"{n_shot} answered by shooting (end-point residual <= {self.tol:.1e} (1 + max|point|): "
-                f"max {worst(~self.from_energy):.2e})"
+                f"max {worst(~self.from_energy)})"
             )
         if n - n_shot:
             rtol = "energy_rtol" if self.energy_rtol is None else f"{self.energy_rtol:.1e}"
             verb = "by" if kinds else "answered by"
             kinds.append(
                 f"{n - n_shot} {verb} the energy method (estimated relative length error <= {rtol}: "
-                f"max {worst(self.from_energy):.2e})"
+                f"max {worst(self.from_energy)})"
             )
             n_kinked = int(self.piecewise_linear.sum())
             if n_kinked:

@@ -643,3 +643,15 @@ def test_smooth_activations_are_not_rough():
     # a kink in the first derivative: not "rough" (the energy method does not certify those either)
     for kinked in (torch.nn.ELU(alpha=0.5), torch.nn.SELU()):
         assert rough_activations(as_decoder(torch.nn.Sequential(torch.nn.Linear(2, 4), kinked))) == []
+
+
+def test_summary_counts_failed_solves():
+    """A failed solve's residual is NaN: the summary once printed 'max nan' for the lot."""
+    metric = PullbackManifold(tanh_mlp(2, 5, hidden=16, seed=1), dim=2).metric
+    z = torch.tensor([[0.1, 0.2], [0.3, -0.4], [0.5, 0.1], [-0.2, 0.3]], dtype=F64)
+    result = metric.solve_log(z[2:], z[:2], method="shooting")
+    result.residual[0] = NAN
+    result.converged[0] = False
+    line = result.summary()
+    assert line.startswith("shooting: 1/2 pairs converged; 2 answered by shooting"), line
+    assert "1 failed solve (NaN)" in line and "max nan" not in line, line
