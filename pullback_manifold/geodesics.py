@@ -21,7 +21,6 @@ autograd graph across hundreds of ODE steps.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
+from .errors import is_positive_float, is_positive_int
 from .geometry import Embedding, geodesic_acceleration
 
 __all__ = ["ODEOptions", "LogResult", "exp", "geodesic_flow", "geodesic_ivp", "shooting_log"]
@@ -79,17 +79,12 @@ class ODEOptions:
             )
         for name in ("rtol", "atol"):
             value = getattr(self, name)
-            if value is not None and not (
-                isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < float("inf")
-            ):
+            if value is not None and not is_positive_float(value):
                 raise ValueError(f"ODEOptions.{name} must be a positive finite float or None (dtype default), got {value!r}")
-        steps = self.max_num_steps
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise ValueError(f"ODEOptions.max_num_steps must be a positive int, got {steps!r}")
+        if not is_positive_int(self.max_num_steps):
+            raise ValueError(f"ODEOptions.max_num_steps must be a positive int, got {self.max_num_steps!r}")
         step = self.step_size
-        if self.method in _FIXED_STEP and not (
-            isinstance(step, numbers.Real) and not isinstance(step, bool) and 0 < step < float("inf")
-        ):
+        if self.method in _FIXED_STEP and not is_positive_float(step):
             raise ValueError(
                 f"ODEOptions(method={self.method!r}) needs a positive step_size, e.g. step_size=0.01 (got "
                 f"{step!r}): a fixed-step method without one takes a single step over the whole interval"

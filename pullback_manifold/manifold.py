@@ -33,7 +33,7 @@ from geomstats.numerics.geodesic import ExpSolver, LogSolver  # noqa: E402
 
 from . import geometry  # noqa: E402
 from .decoders import Decoder, MetricDecoder, as_decoder  # noqa: E402
-from .errors import ConvergenceError, ConvergenceWarning, DecoderError  # noqa: E402
+from .errors import ConvergenceError, ConvergenceWarning, DecoderError, is_positive_float, is_positive_int  # noqa: E402
 from .discrete import arc_length_times, energy_log, interpolate_curve  # noqa: E402
 from .geodesics import LogResult, ODEOptions, exp, geodesic_flow, geodesic_ivp  # noqa: E402
 from .logarithm import METHODS, log_map, piecewise_linear_pairs  # noqa: E402
@@ -118,7 +118,7 @@ class PullbackManifold(VectorSpaceOpenSet):
         on_failure: str = "warn",
         equip: bool = True,
     ):
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        if not is_positive_int(dim):
             raise ValueError(f"dim must be a positive int (the latent dimension), got {dim!r}")
         dim = int(dim)  # numpy integers too
         # Checked here, so that a wrong setting fails at construction, before any decoder call.
@@ -135,17 +135,15 @@ class PullbackManifold(VectorSpaceOpenSet):
             raise TypeError(
                 f"ode_options must be an ODEOptions, e.g. ODEOptions(max_num_steps=2000), got {type(ode_options).__name__}"
             )
-        if log_tol is not None and not (isinstance(log_tol, numbers.Real) and 0 < log_tol < float("inf")):
+        if log_tol is not None and not is_positive_float(log_tol):
             raise ValueError(f"log_tol must be a positive float or None (dtype default), got {log_tol!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+        if not is_positive_int(max_iter):
             raise ValueError(f"max_iter must be a positive int (Newton iterations of log per pair), got {max_iter!r}")
         if on_failure not in _ON_FAILURE:
             raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
         if log_method not in METHODS:
             raise ValueError(f"log_method must be one of {METHODS}, got {log_method!r}")
-        if energy_rtol is not None and not (
-            isinstance(energy_rtol, numbers.Real) and not isinstance(energy_rtol, bool) and 0 < energy_rtol < 1
-        ):
+        if energy_rtol is not None and not (is_positive_float(energy_rtol) and energy_rtol < 1):
             raise ValueError(
                 "energy_rtol must be a float in (0, 1), the energy method's tolerance on its estimated "
                 f"relative length error, or None (1e-5 in float64, 1e-4 in float32), got {energy_rtol!r}"
@@ -206,9 +204,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 def _check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
-    ):
+    if chunk_size is not None and not is_positive_int(chunk_size):
         raise ValueError(f"chunk_size must be a positive int (pairs solved at once) or None (all), got {chunk_size!r}")
 
 

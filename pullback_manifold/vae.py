@@ -15,7 +15,6 @@ piecewise-linear network.
 from __future__ import annotations
 
 import functools
-import numbers
 import time
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .decoders import GaussianDecoder
+from .errors import is_positive_int
 from .variance import RBFPrecision, fit_rbf_precision
 
 __all__ = ["GaussianVAE", "train_vae", "DigitsVAE", "digits_vae", "load_digits_data"]
@@ -159,7 +159,7 @@ def train_vae(
     if not bool(torch.isfinite(data).all()):
         raise ValueError("data contains NaN or Inf: training would make every weight NaN; drop or impute those rows")
     for name, value in (("latent_dim", latent_dim), ("epochs", epochs), ("hidden", hidden), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        if not is_positive_int(value):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     x = data.to(torch.float32)
     n = x.shape[0]
