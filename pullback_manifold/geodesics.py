@@ -426,9 +426,10 @@ class LogResult:
                 f"{n - n_shot} {verb} the energy method (estimated relative length error <= {rtol}: "
                 f"max {worst(self.from_energy)})"
             )
-            n_kinked = int(self.piecewise_linear.sum())
-            if n_kinked:
-                kinds[-1] += f", {n_kinked} of them along a piecewise-linear decoder (approximate)"
+        # Under "shooting" such pairs are shot too (never converged): a clause of its own.
+        n_kinked = int(self.piecewise_linear.sum())
+        if n_kinked:
+            kinds.append(f"{n_kinked} along a piecewise-linear decoder (approximate)")
         iterations = int(self.n_iterations.max()) if n else 0
         head = f"{self.method}: {n - self.n_failed}/{n} pairs converged"
         return "; ".join([head, *([", ".join(kinds)] if kinds else []), f"max iterations {iterations}"])

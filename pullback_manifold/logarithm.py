@@ -102,9 +102,8 @@ def rough_activations(embed: Embedding) -> list[str]:
             if _rough_module(child):
                 found.append(f"{type(child).__name__} ({name or 'the decoder'})")
                 continue
-            entry = traced._GRAPHS.get(child)
-            graph = None if entry is None else entry.graph
-            for node in [] if graph is None else graph.graph.nodes:
+            graph = traced.traced_graph(child)
+            for node in [] if graph is None else graph.nodes:
                 if _rough_call(node):
                     found.append(f"{getattr(node.target, '__name__', node.target)} (in {type(child).__name__}.forward)")
     return found

@@ -57,7 +57,7 @@ from torch.nn.modules import module as module_globals
 from . import jets
 from .jets import Jet
 
-__all__ = ["head", "new_epoch", "output_layer", "traced_jet"]
+__all__ = ["head", "new_epoch", "output_layer", "traced_graph", "traced_jet"]
 
 
 class _Unsupported(Exception):
@@ -262,6 +262,12 @@ def _entry(module: nn.Module) -> _Entry:
     entry = _GRAPHS[module] = _Entry(module, fingerprint, graph, traces)
     entry.hold, entry.stale_traces = hold, stale_traces
     return entry
+
+
+def traced_graph(module: nn.Module) -> fx.Graph | None:
+    """The graph of the module's current trace, if it has been traced and is interpreted."""
+    entry = _GRAPHS.get(module)
+    return None if entry is None or entry.graph is None else entry.graph.graph
 
 
 def _same_values(module: nn.Module, state: dict[str, Tensor], z: Tensor, values: tuple[Tensor, ...] | Tensor) -> bool:
