@@ -1079,7 +1079,7 @@ def energy_log(
             method="energy",
             from_energy=flags,
             energy_rtol=rtol,
-            piecewise_linear=flags,
+            nonsmooth=flags,
         )
         return result, point.new_zeros(0, n_segments * 2**n_refinements + 1, point.shape[1]), empty
     runners_up = torch.zeros(0, dtype=torch.long, device=point.device)
@@ -1194,7 +1194,7 @@ def energy_log(
         method="energy",
         from_energy=torch.ones_like(converged),
         energy_rtol=rtol,
-        piecewise_linear=torch.full_like(converged, not smooth),
+        nonsmooth=torch.full_like(converged, not smooth),
     )
     return result, curve, length
 

@@ -366,11 +366,15 @@ class LogResult:
         judged against ``energy_rtol``, not an end-point error.
     energy_rtol : float, optional
         Threshold on the energy method's relative length error.
-    piecewise_linear : Tensor, shape=[...], bool
-        Pairs along which the decoder is piecewise linear (ReLU-like). Their
-        geodesic ODE is degenerate, so they are answered by the energy method,
-        whose nonsmooth problem can stop in a local minimum: they are never
-        marked converged (the answer is a good approximation, not certified).
+    nonsmooth : Tensor, shape=[...], bool
+        Pairs along which the decoder is not smooth: piecewise linear (a ReLU
+        network: its geodesic ODE is degenerate), or a decoder with activations
+        whose derivative jumps (:func:`~pullback_manifold.logarithm.kinked_activations`:
+        its metric jumps where a unit switches, which the geodesic ODE does not
+        see). They are answered by the energy method (under ``"shooting"``, shot),
+        and never marked converged: the energy of a nonsmooth problem can stop in
+        a local minimum, and its error estimate assumes a smooth curve (the answer
+        is a good approximation, typically within 1%, not certified).
     """
 
     tangent_vec: Tensor
@@ -381,13 +385,13 @@ class LogResult:
     method: str = "shooting"
     from_energy: Tensor | None = None
     energy_rtol: float | None = None
-    piecewise_linear: Tensor | None = None
+    nonsmooth: Tensor | None = None
 
     def __post_init__(self):
         if self.from_energy is None:
             self.from_energy = torch.zeros_like(self.converged)
-        if self.piecewise_linear is None:
-            self.piecewise_linear = torch.zeros_like(self.converged)
+        if self.nonsmooth is None:
+            self.nonsmooth = torch.zeros_like(self.converged)
 
     @property
     def all_converged(self) -> bool:
@@ -427,9 +431,9 @@ class LogResult:
                 f"max {worst(self.from_energy)})"
             )
         # Under "shooting" such pairs are shot too (never converged): a clause of its own.
-        n_kinked = int(self.piecewise_linear.sum())
-        if n_kinked:
-            kinds.append(f"{n_kinked} along a piecewise-linear decoder (approximate)")
+        n_nonsmooth = int(self.nonsmooth.sum())
+        if n_nonsmooth:
+            kinds.append(f"{n_nonsmooth} along a nonsmooth decoder (approximate)")
         iterations = int(self.n_iterations.max()) if n else 0
         head = f"{self.method}: {n - self.n_failed}/{n} pairs converged"
         return "; ".join([head, *([", ".join(kinds)] if kinds else []), f"max iterations {iterations}"])
@@ -443,7 +447,7 @@ class LogResult:
             residual=self.residual[index],
             n_iterations=self.n_iterations[index],
             from_energy=self.from_energy[index],
-            piecewise_linear=self.piecewise_linear[index],
+            nonsmooth=self.nonsmooth[index],
         )
 
     def reshape(self, batch_shape: tuple[int, ...]) -> LogResult:
@@ -455,7 +459,7 @@ class LogResult:
             residual=self.residual.reshape(batch_shape),
             n_iterations=self.n_iterations.reshape(batch_shape),
             from_energy=self.from_energy.reshape(batch_shape),
-            piecewise_linear=self.piecewise_linear.reshape(batch_shape),
+            nonsmooth=self.nonsmooth.reshape(batch_shape),
         )
 
 

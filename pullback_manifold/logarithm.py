@@ -25,7 +25,12 @@ r"""The logarithm map: one entry point, three methods, a report for every pair.
     the decoder is piecewise linear (ReLU networks:
     :func:`piecewise_linear_pairs`) go to the energy method directly, and so do
     all pairs of a decoder with an activation whose second derivative jumps (ELU,
-    CELU: :func:`rough_activations`), where shooting crawls.
+    CELU, softsign: :func:`rough_activations`), where shooting crawls, or whose
+    first derivative jumps (ReLU followed by smooth layers, leaky ReLU, SELU:
+    :func:`kinked_activations`), where the ODE's curves are not geodesics.
+
+Pairs of piecewise-linear or kinked decoders are marked ``nonsmooth`` and never
+converged, whatever the method: their answers are approximations.
 
 Large batches are split in chunks (bounded memory), with an optional progress
 line on stderr.
@@ -47,24 +52,42 @@ from .discrete import energy_log
 from .geodesics import DEFAULT_HALVINGS, LogResult, ODEOptions, _default_log_tol, exp, shooting_log
 from .geometry import Embedding, _basis, embedding_jet, energy_embedding
 
-__all__ = ["METHODS", "log_map", "piecewise_linear_pairs", "rough_activations"]
+__all__ = ["METHODS", "flag_nonsmooth", "kinked_activations", "log_map", "piecewise_linear_pairs", "rough_activations"]
 
 METHODS = ("auto", "shooting", "energy")
 
 # Activations that are once but not twice continuously differentiable (ELU with alpha = 1,
-# CELU): the geodesic equation's right-hand side jumps wherever a unit crosses 0, adaptive
-# ODE steps pile up there, and shooting crawls, while the energy (first derivatives) is
-# smooth enough for Newton. On 8 random pairs of a 2 -> 16 -> 16 -> 10 MLP (one thread),
-# auto took 66 s with ELU and 331 s with CELU, polishing 2 and 1 pairs, against 0.05 and
-# 0.13 s for the energy method, which certified all 8. (ELU with another alpha, SELU, and
-# the ReLU family have a kink in the first derivative: the energy method does not certify
-# them either, so auto keeps its shooting attempts there.)
-_ROUGH_FUNCTIONS = {F.elu, F.celu, torch.celu}
+# CELU, softsign): the geodesic equation's right-hand side jumps wherever a unit crosses 0,
+# adaptive ODE steps pile up there, and shooting crawls, while the energy (first
+# derivatives) is smooth enough for Newton. On 8 random pairs of a 2 -> 16 -> 16 -> 10 MLP
+# (one thread), auto took 66 s with ELU and 331 s with CELU, polishing 2 and 1 pairs,
+# against 0.05 and 0.13 s for the energy method, which certified all 8.
+_ROUGH_MODULES = (nn.CELU, nn.Softsign)
+_ROUGH_FUNCTIONS = {F.elu, F.celu, torch.celu, F.softsign}
 _ROUGH_METHODS = {"elu", "celu"}
+# Activations whose first derivative jumps (the ReLU family, hard and shrink functions,
+# SELU and ELU with alpha != 1): the metric jumps wherever a unit switches. The geodesic
+# ODE does not see those jumps (autograd differentiates each side), so its solutions cross
+# them unrefracted and their speed jumps there: on a 2 -> 16 (ReLU) -> 16 (tanh) -> 10 MLP,
+# shooting "converged" on 6 of 6 pairs with |v|_G 0.31, 1.15, 0.65 where its own curves are
+# 0.36, 0.93, 0.42 long. The energy of a decoded polygon is still the right problem.
+_KINKED_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish,
+    nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.SELU,
+)  # fmt: skip
+_KINKED_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.hardtanh, F.hardsigmoid, F.hardswish, F.hardshrink,
+    F.softshrink, F.threshold, F.selu, torch.selu, F.prelu, torch.prelu, F.rrelu,
+}  # fmt: skip
+_KINKED_METHODS = {"relu", "prelu", "hardshrink"}
+
+
+def _elu_alpha(node) -> float:
+    return node.kwargs.get("alpha", node.args[1] if len(node.args) > 1 else 1.0)
 
 
 def _rough_module(module: nn.Module) -> bool:
-    return isinstance(module, nn.CELU) or (type(module) is nn.ELU and module.alpha == 1.0)
+    return isinstance(module, _ROUGH_MODULES) or (type(module) is nn.ELU and module.alpha == 1.0)
 
 
 def _rough_call(node) -> bool:
@@ -73,16 +96,46 @@ def _rough_call(node) -> bool:
         or (node.op == "call_method" and node.target in _ROUGH_METHODS)
     ):
         return False
-    if node.target is F.elu or node.target == "elu":
-        alpha = node.kwargs.get("alpha", node.args[1] if len(node.args) > 1 else 1.0)
-        return alpha == 1.0
-    return True
+    return _elu_alpha(node) == 1.0 if node.target is F.elu or node.target == "elu" else True
+
+
+def _kinked_module(module: nn.Module) -> bool:
+    return isinstance(module, _KINKED_MODULES) or (type(module) is nn.ELU and module.alpha != 1.0)
+
+
+def _kinked_call(node) -> bool:
+    if node.op == "call_function" and node.target is F.elu or node.op == "call_method" and node.target == "elu":
+        return _elu_alpha(node) != 1.0
+    return (node.op == "call_function" and node.target in _KINKED_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _KINKED_METHODS
+    )
+
+
+def _activations(embed: Embedding, module_test, call_test) -> list[str]:
+    """Names of the submodules of a decoder's modules that pass ``module_test``, and of the
+    calls of their traced ``forward`` that pass ``call_test``."""
+    functions = getattr(embed, "_functions", None)
+    found: list[str] = []
+    for fn in functions() if callable(functions) else []:
+        module = getattr(fn, "fn", None)
+        if not isinstance(module, nn.Module):
+            continue
+        for name, child in module.named_modules():
+            if module_test(child):
+                found.append(f"{type(child).__name__} ({name or 'the decoder'})")
+                continue
+            graph = traced.traced_graph(child, make=True)
+            for node in [] if graph is None else graph.nodes:
+                if call_test(node):
+                    found.append(f"{getattr(node.target, '__name__', node.target)} (in {type(child).__name__}.forward)")
+    return found
 
 
 def rough_activations(embed: Embedding) -> list[str]:
     """The activations of a decoder that are once but not twice continuously differentiable
-    (ELU with ``alpha = 1``, CELU), as modules or as functions its traced ``forward`` calls;
-    empty for other decoders and for plain callables (whose code is not read).
+    (ELU with ``alpha = 1``, CELU, softsign), as modules or as functions its traced
+    ``forward`` calls; empty for other decoders and for plain callables (whose code is not
+    read).
 
     Parameters
     ----------
@@ -92,21 +145,29 @@ def rough_activations(embed: Embedding) -> list[str]:
     -------
     names : list of str
     """
-    functions = getattr(embed, "_functions", None)
-    found: list[str] = []
-    for fn in functions() if callable(functions) else []:
-        module = getattr(fn, "fn", None)
-        if not isinstance(module, nn.Module):
-            continue
-        for name, child in module.named_modules():
-            if _rough_module(child):
-                found.append(f"{type(child).__name__} ({name or 'the decoder'})")
-                continue
-            graph = traced.traced_graph(child)
-            for node in [] if graph is None else graph.nodes:
-                if _rough_call(node):
-                    found.append(f"{getattr(node.target, '__name__', node.target)} (in {type(child).__name__}.forward)")
-    return found
+    return _activations(embed, _rough_module, _rough_call)
+
+
+def kinked_activations(embed: Embedding) -> list[str]:
+    """The activations of a decoder whose first derivative jumps (ReLU, ReLU6, leaky ReLU,
+    PReLU, RReLU, hardtanh, hardsigmoid, hardswish, the shrink functions, threshold, SELU,
+    ELU with ``alpha != 1``), as modules or as functions its traced ``forward`` calls; empty
+    for other decoders and for plain callables (whose code is not read). Clamps, ``abs``,
+    ``max`` and ``min`` in a ``forward`` are not counted: they are mostly guards that
+    rarely switch (a floor on a standard deviation).
+
+    Where a unit switches, the metric of such a decoder jumps: geodesics refract there,
+    which the geodesic ODE does not see.
+
+    Parameters
+    ----------
+    embed : Decoder
+
+    Returns
+    -------
+    names : list of str
+    """
+    return _activations(embed, _kinked_module, _kinked_call)
 
 
 @torch.no_grad()
@@ -149,14 +210,20 @@ def _merge(result: LogResult, rows: Tensor, other: LogResult, take: Tensor) -> N
     result.converged[target] = other.converged[take]
     result.residual[target] = other.residual[take]
     result.from_energy[target] = other.from_energy[take]
-    result.piecewise_linear[target] = other.piecewise_linear[take]
+    result.nonsmooth[target] = other.nonsmooth[take]
     result.n_iterations[rows] += other.n_iterations
+
+
+def flag_nonsmooth(result: LogResult, nonsmooth: Tensor) -> None:
+    """Mark the pairs ``nonsmooth`` (``(n,)`` bool) of ``result`` as such: never converged."""
+    result.nonsmooth |= nonsmooth
+    result.converged &= ~nonsmooth
 
 
 def _energy_by_smoothness(
     embed, point, base_point, kinked: Tensor, energy_rtol, lengths_only: bool = False
 ) -> LogResult:
-    """The energy method, with the piecewise-linear pairs solved as such."""
+    """The energy method, with the piecewise-linear pairs ``kinked`` solved as such."""
     options = {"rtol": energy_rtol, "lengths_only": lengths_only}
     if not kinked.any() or kinked.all():
         return energy_log(embed, point, base_point, smooth=not kinked.any(), **options)[0]
@@ -196,10 +263,15 @@ def _log_chunk(
     energy_rtol: float | None,
     polish: bool = True,
     lengths_only: bool = False,
+    kinked_decoder: bool = False,
 ) -> LogResult:
     kinked = piecewise_linear_pairs(embed, point, base_point)
+    # Every pair of a decoder with kinked activations is nonsmooth: its geodesic may cross a
+    # switch of a unit anywhere, and neither method's certificate sees that.
+    nonsmooth = kinked | kinked_decoder
     if method == "energy":
         result = _energy_by_smoothness(energy_embed, point, base_point, kinked, energy_rtol, lengths_only)
+        flag_nonsmooth(result, nonsmooth)
         result.method = method
         return result
     if method == "auto" and kinked.any():
@@ -253,11 +325,11 @@ def _log_chunk(
             if len(rows):
                 shot = shooting_log(embed, point[rows], base_point[rows], start, **options)
                 _merge(result, rows, shot, torch.ones_like(shot.converged))
-        # A degenerate ODE "converges" to the straight line, which is not the geodesic:
-        # never claimed, and not retried (only method="energy" or "auto" solve those).
-        result.converged &= ~kinked
-        result.piecewise_linear |= kinked
-        todo = (~result.converged & ~kinked).nonzero().squeeze(-1)
+        # A degenerate ODE "converges" to the straight line, which is not the geodesic, and
+        # one blind to the metric's jumps to a curve that is not one either: never claimed,
+        # and not retried (only method="energy" or "auto" solve those).
+        flag_nonsmooth(result, nonsmooth)
+        todo = (~result.converged & ~nonsmooth).nonzero().squeeze(-1)
         if len(todo) == 0:
             return result
     else:
@@ -442,8 +514,10 @@ def log_map(
         return LogResult(point.clone(), empty, point.new_zeros(0), no_iterations, 0.0, method)
     size = n if chunk_size is None else chunk_size
     energy_embed = energy_embedding(embed, regularization)  # the energy method sees J^T J + eps I too
-    # auto on a decoder with rough activations: the energy method's answers (see _ROUGH_FUNCTIONS).
-    chunk_method = "energy" if method == "auto" and rough_activations(embed) else method
+    # auto on a decoder with rough or kinked activations: the energy method's answers (see
+    # _ROUGH_FUNCTIONS and _KINKED_FUNCTIONS).
+    kinked_decoder = bool(kinked_activations(embed))
+    chunk_method = "energy" if method == "auto" and (kinked_decoder or rough_activations(embed)) else method
     parts = []
     start = time.perf_counter()
     for lo in range(0, max(n, 1), max(size, 1)):
@@ -461,6 +535,7 @@ def log_map(
                 energy_rtol,
                 polish,
                 lengths_only,
+                kinked_decoder,
             )
         )
         parts[-1].method = method
@@ -483,6 +558,6 @@ def log_map(
         tol=parts[0].tol,
         method=method,
         from_energy=torch.cat([p.from_energy for p in parts]),
-        piecewise_linear=torch.cat([p.piecewise_linear for p in parts]),
+        nonsmooth=torch.cat([p.nonsmooth for p in parts]),
         energy_rtol=next((p.energy_rtol for p in parts if p.energy_rtol is not None), None),
     )

@@ -36,7 +36,7 @@ from .decoders import Decoder, MetricDecoder, as_decoder  # noqa: E402
 from .errors import ConvergenceError, ConvergenceWarning, DecoderError, is_positive_float, is_positive_int  # noqa: E402
 from .discrete import arc_length_times, energy_log, interpolate_curve  # noqa: E402
 from .geodesics import LogResult, ODEOptions, exp, geodesic_flow, geodesic_ivp  # noqa: E402
-from .logarithm import METHODS, log_map, piecewise_linear_pairs  # noqa: E402
+from .logarithm import METHODS, flag_nonsmooth, kinked_activations, log_map, piecewise_linear_pairs  # noqa: E402
 from .transport import parallel_transport  # noqa: E402
 
 __all__ = ["PullbackManifold", "DecoderPullbackMetric", "ODEExpSolver", "ShootingLogSolver"]
@@ -459,19 +459,23 @@ class DecoderPullbackMetric(RiemannianMetric):
             )
         return value
 
-    def _report(self, n_failed: int, n_total: int, what: str, n_piecewise_linear: int = 0) -> None:
+    def _report(self, n_failed: int, n_total: int, what: str, n_nonsmooth: int = 0) -> None:
         if n_failed == 0 or self.on_failure == "ignore":
             return
         msg = (
             f"{what}: {n_failed} of {n_total} pairs did not converge; their results are NaN (exp) or "
-            "unconverged (log). Call metric.solve_log(...) for the per-pair report, or loosen/raise "
-            "max_iter, ode_options.max_num_steps, or pass regularization."
+            "unconverged (log). Call metric.solve_log(...) for the per-pair report"
         )
-        if n_piecewise_linear:
+        if n_nonsmooth < n_failed:
+            msg += ", or loosen/raise max_iter, ode_options.max_num_steps, or pass regularization."
+        else:
+            msg += "."
+        if n_nonsmooth:
             msg += (
-                f" {n_piecewise_linear} of them lie where the decoder is piecewise linear (ReLU-like): "
-                "their geodesics come from the energy method and are approximate (typically within ~1%), "
-                "never certified. Use smooth activations (softplus, SiLU, GELU, tanh) for exact geodesics."
+                f" {n_nonsmooth} of them lie where the decoder is not smooth (piecewise linear, or "
+                "activations whose derivative jumps: ReLU, leaky ReLU, hardtanh, SELU, ...): their geodesics "
+                "come from the energy method and are approximate (typically within ~1%), never certified. "
+                "Use smooth activations (softplus, SiLU, GELU, tanh) for exact geodesics."
             )
         if self.on_failure == "raise":
             raise ConvergenceError(msg)
@@ -805,8 +809,8 @@ class DecoderPullbackMetric(RiemannianMetric):
     def _reported_log(self, point, base_point, what: str, **kwargs) -> LogResult:
         """:meth:`solve_log`, then warn or raise per ``on_failure`` under the name ``what``."""
         result = self.solve_log(point, base_point, **kwargs)
-        n_kinked = int((result.piecewise_linear & ~result.converged).sum())
-        self._report(result.n_failed, result.converged.numel(), what, n_kinked)
+        n_nonsmooth = int((result.nonsmooth & ~result.converged).sum())
+        self._report(result.n_failed, result.converged.numel(), what, n_nonsmooth)
         return result
 
     def geodesic_from_log(self, result: LogResult, point, base_point):
@@ -939,7 +943,7 @@ class DecoderPullbackMetric(RiemannianMetric):
             )
             result = self._log_map(z1, z, None, self.log_method)
             v, reached = result.tangent_vec, result.converged & ~result.from_energy
-            retry = (result.from_energy & ~result.piecewise_linear).nonzero().squeeze(-1)
+            retry = (result.from_energy & ~result.nonsmooth).nonzero().squeeze(-1)
             if len(retry):
                 shot = self._log_map(z1[retry], z[retry], v[retry], "shooting")
                 # Shooting can drift to another geodesic than the certified one (on the digits
@@ -1102,25 +1106,26 @@ class ODEExpSolver(ExpSolver):
 def _geodesic_paths(m: DecoderPullbackMetric, z1: Tensor, z0: Tensor, result: LogResult | None, batch):
     """``path(t)`` joining flat pairs: ODE geodesics of ``result`` where shooting solved
     them, discrete geodesics (energy method) elsewhere, or everywhere if ``result`` is None."""
+    linear = piecewise_linear_pairs(m._embed, z1, z0)
     if result is None:
-        kinked = piecewise_linear_pairs(m._embed, z1, z0)
-        by_ode = torch.zeros_like(kinked)
+        by_ode = torch.zeros_like(linear)
     else:
-        kinked = result.piecewise_linear.reshape(-1)
-        by_ode = ~kinked & ~result.from_energy.reshape(-1)
+        by_ode = ~result.nonsmooth.reshape(-1) & ~result.from_energy.reshape(-1)
+    kinked_decoder = bool(kinked_activations(m._embed))
     curves = []
     energy_embed = geometry.energy_embedding(m._embed, m.regularization)
     if by_ode.any():
         rows = by_ode.nonzero().squeeze(-1)
         curves.append((rows, None, result.tangent_vec.reshape(-1, m.dim)[rows]))
-    for is_kinked in (False, True):
-        rows = ((kinked == is_kinked) & ~by_ode).nonzero().squeeze(-1)
+    for is_linear in (False, True):
+        rows = ((linear == is_linear) & ~by_ode).nonzero().squeeze(-1)
         if len(rows) == 0:
             continue
-        energy, curve, _ = energy_log(energy_embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_kinked)
+        energy, curve, _ = energy_log(energy_embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_linear)
         if result is None:
-            n_kinked = int(is_kinked) * energy.n_failed
-            m._report(energy.n_failed, energy.converged.numel(), "geodesic (energy method)", n_kinked)
+            flag_nonsmooth(energy, torch.full_like(energy.converged, kinked_decoder))
+            n_nonsmooth = int((energy.nonsmooth & ~energy.converged).sum())
+            m._report(energy.n_failed, energy.converged.numel(), "geodesic (energy method)", n_nonsmooth)
         curves.append((rows, curve, arc_length_times(energy_embed, curve)))
 
     def path(t):
@@ -1233,7 +1238,7 @@ class ShootingLogSolver(LogSolver):
         # batches as those their warm start left (two solves, one after the other, cost an
         # energy call and several ODE solves more per FrechetMean iteration).
         result = m._log_map(z1, z0, flat_guess, m.log_method)
-        m._report(result.n_failed, len(z1), "log", int((result.piecewise_linear & ~result.converged).sum()))
+        m._report(result.n_failed, len(z1), "log", int((result.nonsmooth & ~result.converged).sum()))
         return result.reshape(batch)
 
     def geodesic_bvp(self, point, base_point):
@@ -1251,7 +1256,7 @@ class ShootingLogSolver(LogSolver):
         if m.log_method == "energy":
             return _geodesic_paths(m, z1, z0, None, batch)
         result = m.solve_log(z1, z0)
-        kinked = result.piecewise_linear
-        m._report(result.n_failed, result.converged.numel(), "geodesic", int((kinked & ~result.converged).sum()))
+        n_nonsmooth = int((result.nonsmooth & ~result.converged).sum())
+        m._report(result.n_failed, result.converged.numel(), "geodesic", n_nonsmooth)
         return _geodesic_paths(m, z1, z0, result, batch)
 

@@ -264,10 +264,19 @@ def _entry(module: nn.Module) -> _Entry:
     return entry
 
 
-def traced_graph(module: nn.Module) -> fx.Graph | None:
-    """The graph of the module's current trace, if it has been traced and is interpreted."""
+def traced_graph(module: nn.Module, make: bool = False) -> fx.Graph | None:
+    """The graph of the module's current trace, if it has been traced and is interpreted;
+    with ``make``, else a trace of its ``forward`` made now (not kept), for a module of a
+    class outside ``torch.nn`` whose ``forward`` can be traced."""
     entry = _GRAPHS.get(module)
-    return None if entry is None or entry.graph is None else entry.graph.graph
+    if entry is not None and entry.graph is not None:
+        return entry.graph.graph
+    if not make or type(module).__module__.startswith("torch.nn") or "forward" in vars(module):
+        return None
+    try:
+        return _Tracer().trace(module)
+    except Exception:  # noqa: BLE001 -- a forward fx cannot trace: nothing to read
+        return None
 
 
 def _same_values(module: nn.Module, state: dict[str, Tensor], z: Tensor, values: tuple[Tensor, ...] | Tensor) -> bool:
