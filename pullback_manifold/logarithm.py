@@ -18,7 +18,7 @@ r"""The logarithm map: one entry point, three methods, a report for every pair.
     the end-point tolerance (at most 4 iterations); the others keep the
     discrete answer, marked ``from_energy``, converged only if its own error
     estimate says so; shooting is also tried on the pairs the discrete geodesic
-    could not certify. (Shooting the rest costs far more than it gains: on 30
+    could not certify, which keep the discrete answer where it fails too. (Shooting the rest costs far more than it gains: on 30
     digits-VAE pairs, 200 s against 7 s for the discrete geodesics, and it
     polished 8 of them.) With a warm start, shooting goes first from it, for at
     most 4 Newton iterations; the pairs it leaves go the route above. Pairs along which
@@ -391,11 +391,12 @@ def _log_chunk(
         _merge(result, rows, polished, better)
     if method == "shooting" or result.all_converged:
         return result
-    # The discrete geodesic answers where shooting did not converge, if it is certified,
-    # and wherever shooting was not tried.
-    attempted = torch.zeros_like(guess.converged)
-    attempted[polish_rows] = True
-    fallback = ~result.converged[todo] & (guess.converged | ~attempted)
+    # The discrete geodesic answers wherever shooting did not converge: certified or not, it
+    # is a curve joining the points, and its length an upper bound on their distance, where
+    # an unconverged shooting iterate's geodesic misses the point (on a ReLU + tanh MLP, the
+    # iterates' |v|_G were 0.31, 1.15 and 0.65 where the discrete geodesics were 0.36, 0.92
+    # and 0.41 long).
+    fallback = ~result.converged[todo] & torch.isfinite(guess.tangent_vec).all(-1)
     _merge(result, todo, guess, fallback)
     result.energy_rtol = guess.energy_rtol
     return result
