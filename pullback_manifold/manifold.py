@@ -830,7 +830,9 @@ class DecoderPullbackMetric(RiemannianMetric):
         Returns
         -------
         path : callable
-            ``path(t)``, ``t`` in ``[0, 1]`` of shape ``(n_t,)``: ``(..., n_t, d)``.
+            ``path(t)``, ``t`` of shape ``(n_t,)``: ``(..., n_t, d)``; ``t`` in ``[0, 1]``
+            joins the points, and outside it the geodesic goes on (for a discrete
+            geodesic: the ODE geodesics leaving its ends with its end velocities).
         """
         (z1, z0), batch = self._prepare("base_point", True, point=point, base_point=base_point)
         flat = result.reshape((-1,))
@@ -1121,25 +1123,51 @@ def _geodesic_paths(m: DecoderPullbackMetric, z1: Tensor, z0: Tensor, result: Lo
         rows = ((linear == is_linear) & ~by_ode).nonzero().squeeze(-1)
         if len(rows) == 0:
             continue
-        energy, curve, _ = energy_log(energy_embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_linear)
+        energy, curve, length = energy_log(energy_embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_linear)
         if result is None:
             flag_nonsmooth(energy, torch.full_like(energy.converged, kinked_decoder))
             n_nonsmooth = int((energy.nonsmooth & ~energy.converged).sum())
             m._report(energy.n_failed, energy.converged.numel(), "geodesic (energy method)", n_nonsmooth)
-        curves.append((rows, curve, arc_length_times(energy_embed, curve)))
+        ends = (energy.tangent_vec, _end_velocity(energy_embed, curve, length))
+        curves.append((rows, curve, (arc_length_times(energy_embed, curve), ends)))
+
+    def ode(velocity: Tensor, start: Tensor, times: Tensor) -> Tensor:
+        points, ok = geodesic_ivp(m._embed, velocity, start, times, m.ode_options, m.regularization)
+        return _nan_rows(points, ok)
 
     def path(t):
         times = torch.as_tensor(t, dtype=z0.dtype, device=z0.device).reshape(-1)
         out = torch.empty(z0.shape[0], times.shape[0], m.dim, dtype=z0.dtype, device=z0.device)
         for rows, curve, extra in curves:
             if curve is None:
-                points, ok = geodesic_ivp(m._embed, extra, z0[rows], times, m.ode_options, m.regularization)
-                out[rows] = _nan_rows(points, ok)
-            else:
-                out[rows] = interpolate_curve(curve, times, extra)
+                out[rows] = ode(extra, z0[rows], times)
+                continue
+            # A discrete geodesic spans [0, 1]; beyond its ends, the ODE geodesics that leave
+            # them with its end velocities continue it.
+            node_times, (first, last) = extra
+            block = torch.empty(len(rows), times.shape[0], m.dim, dtype=z0.dtype, device=z0.device)
+            inside, before, after = (times >= 0) & (times <= 1), times < 0, times > 1
+            if inside.any():
+                block[:, inside] = interpolate_curve(curve, times[inside], node_times)
+            if before.any():
+                block[:, before] = ode(first, z0[rows], times[before])
+            if after.any():
+                block[:, after] = ode(last, z1[rows], times[after] - 1)
+            out[rows] = block
         return out.reshape(*batch, times.shape[0], m.dim)
 
     return path
+
+
+def _end_velocity(embed, curve: Tensor, length: Tensor) -> Tensor:
+    """Velocity ``(n, d)`` at ``t = 1`` of discrete geodesics ``(n, N + 1, d)`` of lengths ``(n,)``:
+    the nodes' second-order one-sided difference (they are at uniform times), scaled to the
+    constant speed ``|v|_G = length``."""
+    N = curve.shape[1] - 1
+    direction = (3 * curve[:, -1] - 4 * curve[:, -2] + curve[:, -3]) * (N / 2)
+    G = geometry.metric_matrix(embed, curve[:, -1])
+    speed = torch.einsum("ni,nij,nj->n", direction, G, direction).clamp_min(0).sqrt()
+    return direction * torch.where(speed > 0, length / speed, torch.zeros_like(speed))[:, None]
 
 
 def _sqrt_with_zero_subgradient(squared: Tensor) -> Tensor:
@@ -1248,8 +1276,10 @@ class ShootingLogSolver(LogSolver):
         the refined discrete geodesic, for ``t`` in ``[0, 1]``, where the energy
         method answered it (``log_method="energy"``, ``auto``'s ``from_energy``
         pairs: the ODE from their approximate initial velocity would drift off
-        a geodesic that is sensitive to it) or where the decoder is piecewise
-        linear (ReLU: its ODE geodesics are straight lines).
+        a geodesic that is sensitive to it) or where the decoder is not smooth
+        (ReLU: its ODE geodesics are straight lines), continued outside
+        ``[0, 1]`` by the ODE geodesics that leave its ends with its end
+        velocities.
         """
         m = self.metric
         (z1, z0), batch = m._prepare("base_point", True, point=point, base_point=base_point)
