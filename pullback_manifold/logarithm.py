@@ -221,17 +221,54 @@ def flag_nonsmooth(result: LogResult, nonsmooth: Tensor) -> None:
 
 
 def _energy_by_smoothness(
-    embed, point, base_point, kinked: Tensor, energy_rtol, lengths_only: bool = False
+    embed, point, base_point, kinked: Tensor, energy_rtol, lengths_only: bool = False, curves=None
 ) -> LogResult:
-    """The energy method, with the piecewise-linear pairs ``kinked`` solved as such."""
+    """The energy method, with the piecewise-linear pairs ``kinked`` solved as such; each
+    discrete geodesic goes to ``curves`` (a :class:`_Curves` or None)."""
     options = {"rtol": energy_rtol, "lengths_only": lengths_only}
     if not kinked.any() or kinked.all():
-        return energy_log(embed, point, base_point, smooth=not kinked.any(), **options)[0]
+        result, curve, _ = energy_log(embed, point, base_point, smooth=not kinked.any(), **options)
+        if curves is not None:
+            curves.add(torch.arange(len(point), device=point.device), curve)
+        return result
     parts = []
     for rows in ((~kinked).nonzero().squeeze(-1), kinked.nonzero().squeeze(-1)):
-        part = energy_log(embed, point[rows], base_point[rows], smooth=not bool(kinked[rows[0]]), **options)[0]
+        part, curve, _ = energy_log(embed, point[rows], base_point[rows], smooth=not bool(kinked[rows[0]]), **options)
+        if curves is not None:
+            curves.add(rows, curve)
         parts.append((rows, part))
     return _assembled(point, parts, "energy")
+
+
+class _Curves:
+    """The discrete geodesics a log solved, by pair: polygons ``(m, N + 1, d)`` for rows of
+    the whole batch (the last one solved for a pair is the one its answer came from)."""
+
+    def __init__(self, offset: Tensor | None = None, parts: list | None = None):
+        self.offset = offset  # this chunk's (or subset's) rows in the whole batch
+        self.parts: list[tuple[Tensor, Tensor]] = [] if parts is None else parts
+
+    def within(self, rows: Tensor) -> _Curves:
+        """The same store, for a subset ``rows`` of the current pairs."""
+        return _Curves(rows if self.offset is None else self.offset[rows], self.parts)
+
+    def add(self, rows: Tensor, curve: Tensor) -> None:
+        self.parts.append((rows if self.offset is None else self.offset[rows], curve))
+
+    def of(self, rows: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``(positions, polygons)`` groups covering the ``rows`` (of the whole batch) that have
+        a discrete geodesic: ``positions`` index ``rows``."""
+        size = max([int(rows.max()) + 1 if len(rows) else 0] + [int(part.max()) + 1 for part, _ in self.parts if len(part)])
+        source = torch.full((size,), -1, dtype=torch.long, device=rows.device)
+        local = torch.zeros_like(source)
+        for k, (part_rows, _) in enumerate(self.parts):
+            source[part_rows], local[part_rows] = k, torch.arange(len(part_rows), device=rows.device)
+        groups = []
+        for k, (_, curve) in enumerate(self.parts):
+            positions = (source[rows] == k).nonzero().squeeze(-1)
+            if len(positions):
+                groups.append((positions, curve[local[rows[positions]]]))
+        return groups
 
 
 def _assembled(point: Tensor, parts: list[tuple[Tensor, LogResult]], method: str) -> LogResult:
@@ -264,18 +301,19 @@ def _log_chunk(
     polish: bool = True,
     lengths_only: bool = False,
     kinked_decoder: bool = False,
+    curves: _Curves | None = None,
 ) -> LogResult:
     kinked = piecewise_linear_pairs(embed, point, base_point)
     # Every pair of a decoder with kinked activations is nonsmooth: its geodesic may cross a
     # switch of a unit anywhere, and neither method's certificate sees that.
     nonsmooth = kinked | kinked_decoder
     if method == "energy":
-        result = _energy_by_smoothness(energy_embed, point, base_point, kinked, energy_rtol, lengths_only)
+        result = _energy_by_smoothness(energy_embed, point, base_point, kinked, energy_rtol, lengths_only, curves)
         flag_nonsmooth(result, nonsmooth)
         result.method = method
         return result
     if method == "auto" and kinked.any():
-        result = _energy_by_smoothness(energy_embed, point, base_point, kinked, energy_rtol, lengths_only)
+        result = _energy_by_smoothness(energy_embed, point, base_point, kinked, energy_rtol, lengths_only, curves)
         smooth = (~kinked).nonzero().squeeze(-1)
         if len(smooth):
             init = None if initial_tangent_vec is None else initial_tangent_vec[smooth]
@@ -290,6 +328,8 @@ def _log_chunk(
                 energy_rtol,
                 polish,
                 lengths_only,
+                kinked_decoder,
+                None if curves is None else curves.within(smooth),
             )
             result.n_iterations[smooth] = 0
             _merge(result, smooth, rest, torch.ones_like(rest.converged))
@@ -350,9 +390,11 @@ def _log_chunk(
         # point. Elsewhere Newton spends many long ODE solves to gain little: on the
         # digits VAE, shooting all 30 pairs of a batch took 200 s and polished 8; their
         # discrete geodesics took 7 s.
-        guess, _, _ = energy_log(
+        guess, curve, _ = energy_log(
             energy_embed, point[todo], base_point[todo], rtol=energy_rtol, lengths_only=lengths_only
         )
+        if curves is not None:
+            curves.add(todo, curve)
         # A pair the discrete geodesic could not certify gets its chance with shooting anyway;
         # a certified one, if polishing it pays (distances only: it never does).
         to_polish = ~guess.converged
@@ -458,6 +500,7 @@ def log_map(
     progress: bool = False,
     polish: bool = True,
     lengths_only: bool = False,
+    curves: _Curves | None = None,
 ) -> LogResult:
     """Logarithm map of a batch of pairs, by the chosen method.
 
@@ -497,6 +540,9 @@ def log_map(
         refines each discrete geodesic until its length is certified, at
         coarser levels; the directions of the tangent vectors are then less
         accurate (see :func:`~pullback_manifold.discrete.energy_log`).
+    curves : _Curves, optional
+        Collects the discrete geodesics solved (internal: the library's
+        geodesics and transports of energy answers follow them).
 
     Returns
     -------
@@ -537,6 +583,7 @@ def log_map(
                 polish,
                 lengths_only,
                 kinked_decoder,
+                None if curves is None else curves.within(torch.arange(lo, hi, device=point.device)),
             )
         )
         parts[-1].method = method

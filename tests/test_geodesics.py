@@ -258,3 +258,25 @@ def test_shooting_halves_each_pairs_failed_step_up_to_its_own_limit(sphere, monk
     )
     assert tries.tolist() == (limits + 1).tolist()
     assert not result.converged.any()
+
+
+def test_geodesic_to_an_end_point_follows_the_logs_own_discrete_geodesics(monkeypatch):
+    """metric.geodesic(initial_point, end_point) under auto solved the discrete geodesics of
+    the energy answers a second time, for those pairs alone: where two geodesics join a pair,
+    which one the solver ends on depends on the pairs solved with it (the grid start spans
+    their end points), so the path could follow another geodesic than the log's (a digits-VAE
+    pair: a discrete geodesic 2e-4 longer). It follows the log's own."""
+    from pullback_manifold import manifold
+
+    z0 = torch.zeros(3, 2, dtype=F64)
+    z1 = torch.tensor([[2.0, -1.5], [-2.5, 2.0], [1e-3, 0.0]], dtype=F64)
+    starved = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, ode_options=ODEOptions(max_num_steps=2))
+    expected = starved.metric.geodesic_from_log(starved.metric.solve_log(z1, z0), z1, z0)
+
+    def no_second_solve(*args, **kwargs):
+        raise AssertionError("the discrete geodesics were solved again")
+
+    monkeypatch.setattr(manifold, "energy_log", no_second_solve)
+    t = torch.linspace(0, 1, 5, dtype=F64)
+    path = starved.metric.geodesic(initial_point=z0, end_point=z1)(t)
+    torch.testing.assert_close(path, expected(t), rtol=0, atol=1e-12)
