@@ -18,9 +18,9 @@ r"""The logarithm map: one entry point, three methods, a report for every pair.
     the end-point tolerance (at most 4 iterations); the others keep the
     discrete answer, marked ``from_energy``, converged only if its own error
     estimate says so; shooting is also tried on the pairs the discrete geodesic
-    could not certify, which keep the discrete answer where it fails too. (Shooting the rest costs far more than it gains: on 30
-    digits-VAE pairs, 200 s against 7 s for the discrete geodesics, and it
-    polished 8 of them.) With a warm start, shooting goes first from it, for at
+    could not certify, which keep the discrete answer where it fails too.
+    (Shooting the rest costs far more than it gains: on 30 digits-VAE pairs,
+    200 s against 7 s for the discrete geodesics, and it polished 8 of them.) With a warm start, shooting goes first from it, for at
     most 4 Newton iterations; the pairs it leaves go the route above. Pairs along which
     the decoder is piecewise linear (ReLU networks:
     :func:`piecewise_linear_pairs`) go to the energy method directly, and so do
@@ -258,7 +258,8 @@ class _Curves:
     def of(self, rows: Tensor) -> list[tuple[Tensor, Tensor]]:
         """``(positions, polygons)`` groups covering the ``rows`` (of the whole batch) that have
         a discrete geodesic: ``positions`` index ``rows``."""
-        size = max([int(rows.max()) + 1 if len(rows) else 0] + [int(part.max()) + 1 for part, _ in self.parts if len(part)])
+        ends = [int(part.max()) + 1 for part, _ in self.parts if len(part)]
+        size = max([int(rows.max()) + 1 if len(rows) else 0, *ends])
         source = torch.full((size,), -1, dtype=torch.long, device=rows.device)
         local = torch.zeros_like(source)
         for k, (part_rows, _) in enumerate(self.parts):
