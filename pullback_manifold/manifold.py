@@ -942,11 +942,12 @@ class DecoderPullbackMetric(RiemannianMetric):
         energy method answered (``solve_log``'s ``from_energy``, whose ``exp``
         does not reach the point) its discrete geodesic
         (:func:`~pullback_manifold.transport.transport_along_polygon`).
-        Transporting along ``exp`` of the energy answer went up to
-        90% wrong on digits-VAE pairs; shooting those pairs from their velocity
-        took 290 s for 17 of 24 pairs and left 4 without an answer, against 5 s
-        along their discrete geodesics, which were within ``2e-4`` (``7e-5`` in
-        median) of the transport along the ODE geodesic where shooting found it.
+        Transporting along ``exp`` of the energy answer went up to 90% wrong on
+        digits-VAE pairs; shooting those pairs again from their velocity made
+        the call on 24 pairs take 293 s and left 4 without an answer, against
+        36 s (32 s of it the log) and 1 (its log unconverged) along their
+        discrete geodesics, which were within ``2e-4`` (``7e-5`` in median) of
+        the transport along the ODE geodesic where shooting found it.
         """
         if (direction is None) == (end_point is None):
             raise ValueError("pass exactly one of direction= and end_point= to parallel_transport")
