@@ -63,7 +63,7 @@ METHODS = ("auto", "shooting", "energy")
 # (one thread), auto took 66 s with ELU and 331 s with CELU, polishing 2 and 1 pairs,
 # against 0.05 and 0.13 s for the energy method, which certified all 8.
 _ROUGH_MODULES = (nn.CELU, nn.Softsign)
-_ROUGH_FUNCTIONS = {F.elu, F.celu, torch.celu, F.softsign}
+_ROUGH_FUNCTIONS = {F.elu, F.elu_, F.celu, F.celu_, torch.celu, torch.celu_, F.softsign}
 _ROUGH_METHODS = {"elu", "celu"}
 # Activations whose first derivative jumps (the ReLU family, hard and shrink functions,
 # SELU and ELU with alpha != 1): the metric jumps wherever a unit switches. The geodesic
@@ -76,10 +76,15 @@ _KINKED_MODULES = (
     nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.SELU,
 )  # fmt: skip
 _KINKED_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.leaky_relu, F.hardtanh, F.hardsigmoid, F.hardswish, F.hardshrink,
-    F.softshrink, F.threshold, F.selu, torch.selu, F.prelu, torch.prelu, F.rrelu,
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.hardtanh, F.hardtanh_,
+    F.hardsigmoid, F.hardswish, F.hardshrink, F.softshrink, F.threshold, F.threshold_, torch.threshold,
+    torch.threshold_, F.selu, F.selu_, torch.selu, torch.selu_, F.prelu, torch.prelu, F.rrelu, F.rrelu_,
+    torch.rrelu, torch.rrelu_,
 }  # fmt: skip
-_KINKED_METHODS = {"relu", "prelu", "hardshrink"}
+_KINKED_METHODS = {"relu", "relu_", "prelu", "hardshrink"}
+
+
+_ELU = {F.elu, F.elu_, "elu"}
 
 
 def _elu_alpha(node) -> float:
@@ -96,7 +101,7 @@ def _rough_call(node) -> bool:
         or (node.op == "call_method" and node.target in _ROUGH_METHODS)
     ):
         return False
-    return _elu_alpha(node) == 1.0 if node.target is F.elu or node.target == "elu" else True
+    return _elu_alpha(node) == 1.0 if node.target in _ELU else True
 
 
 def _kinked_module(module: nn.Module) -> bool:
@@ -104,7 +109,7 @@ def _kinked_module(module: nn.Module) -> bool:
 
 
 def _kinked_call(node) -> bool:
-    if node.op == "call_function" and node.target is F.elu or node.op == "call_method" and node.target == "elu":
+    if node.op in ("call_function", "call_method") and node.target in _ELU:
         return _elu_alpha(node) != 1.0
     return (node.op == "call_function" and node.target in _KINKED_FUNCTIONS) or (
         node.op == "call_method" and node.target in _KINKED_METHODS

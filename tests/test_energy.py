@@ -160,6 +160,16 @@ def test_kinked_activations_are_found_in_modules_and_traced_forwards():
         assert kinked_activations(mlp(act)) == []
     assert rough_activations(mlp(torch.nn.Softsign())) == ["Softsign (1)"]
     assert kinked_activations(as_decoder(TwoMedia(1.0))) == ["relu (in TwoMedia.forward)"]
+
+    class InPlace(torch.nn.Module):  # in-place activations: missed once (a reviewer's find)
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = torch.nn.Linear(2, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, z):
+            return self.out(torch.tanh(torch.nn.functional.relu_(self.inp(z))) + self.inp(z).relu_())
+
+    assert kinked_activations(as_decoder(InPlace())) == ["relu_ (in InPlace.forward)"] * 2
     assert kinked_activations(as_decoder(fold)) == []  # a plain function: its code is not read
 
 
