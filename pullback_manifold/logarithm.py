@@ -38,6 +38,8 @@ line on stderr.
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
 import time
 from dataclasses import replace
@@ -116,16 +118,46 @@ def _kinked_call(node) -> bool:
     )
 
 
-def _activations(embed: Embedding, module_test, call_test) -> list[str]:
-    """Names of the submodules of a decoder's modules that pass ``module_test``, and of the
-    calls of their traced ``forward`` that pass ``call_test``."""
+def _used_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``root`` and the submodules its ``forward`` calls (with theirs): for a method decoder
+    (``vae.decode``) not the encoder. All of them where ``forward`` cannot be traced."""
+    graph = traced.traced_graph(root, make=True)
+    if graph is None:
+        return list(root.named_modules())
+    used = {"": root}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            for name, child in root.get_submodule(node.target).named_modules(prefix=node.target):
+                used.setdefault(name, child)
+    return list(used.items())
+
+
+def _source_calls(module: nn.Module, pattern: re.Pattern) -> list[str]:
+    """Activation names ``pattern`` finds in the source of a custom ``forward`` that fx cannot
+    trace (``if z.dim() == 1``, ``assert``): read as text rather than not at all."""
+    if type(module).__module__.startswith("torch.nn") or traced.traced_graph(module, make=True) is not None:
+        return []
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return []
+    return [f"{name} (in {type(module).__name__}.forward, its source)" for name in pattern.findall(source)]
+
+
+def _activations(embed: Embedding, module_test, call_test, source_pattern: re.Pattern) -> list[str]:
+    """Names of the modules of a decoder (those its traced ``forward`` uses) that pass
+    ``module_test``, of the calls of their traced ``forward`` that pass ``call_test``, and,
+    where a ``forward`` cannot be traced, of the names ``source_pattern`` finds in its source."""
     functions = getattr(embed, "_functions", None)
+    if callable(functions):
+        roots = [getattr(fn, "fn", None) for fn in functions()]
+    else:
+        roots = [embed]  # a module passed as it is
     found: list[str] = []
-    for fn in functions() if callable(functions) else []:
-        module = getattr(fn, "fn", None)
+    for module in roots:
         if not isinstance(module, nn.Module):
             continue
-        for name, child in module.named_modules():
+        for name, child in _used_modules(module):
             if module_test(child):
                 found.append(f"{type(child).__name__} ({name or 'the decoder'})")
                 continue
@@ -133,7 +165,16 @@ def _activations(embed: Embedding, module_test, call_test) -> list[str]:
             for node in [] if graph is None else graph.nodes:
                 if call_test(node):
                     found.append(f"{getattr(node.target, '__name__', node.target)} (in {type(child).__name__}.forward)")
+            found += _source_calls(child, source_pattern)
     return found
+
+
+# Activation names in the source of a forward fx cannot trace (a call: the name and a parenthesis).
+_KINKED_SOURCE = re.compile(
+    r"\b(relu6?_?|leaky_relu_?|hardtanh_?|hardsigmoid|hardswish|hardshrink|softshrink|threshold_?|selu_?|prelu|rrelu_?"
+    r"|ReLU6?|LeakyReLU|PReLU|RReLU|Hardtanh|Hardsigmoid|Hardswish|Hardshrink|Softshrink|Threshold|SELU)\s*\("
+)
+_ROUGH_SOURCE = re.compile(r"\b(elu_?|celu_?|softsign|ELU|CELU|Softsign)\s*\(")
 
 
 def rough_activations(embed: Embedding) -> list[str]:
@@ -150,7 +191,7 @@ def rough_activations(embed: Embedding) -> list[str]:
     -------
     names : list of str
     """
-    return _activations(embed, _rough_module, _rough_call)
+    return _activations(embed, _rough_module, _rough_call, _ROUGH_SOURCE)
 
 
 def kinked_activations(embed: Embedding) -> list[str]:
@@ -172,7 +213,7 @@ def kinked_activations(embed: Embedding) -> list[str]:
     -------
     names : list of str
     """
-    return _activations(embed, _kinked_module, _kinked_call)
+    return _activations(embed, _kinked_module, _kinked_call, _KINKED_SOURCE)
 
 
 @torch.no_grad()
@@ -312,7 +353,7 @@ def _log_chunk(
     kinked = piecewise_linear_pairs(embed, point, base_point)
     # Every pair of a decoder with kinked activations is nonsmooth: its geodesic may cross a
     # switch of a unit anywhere, and neither method's certificate sees that.
-    nonsmooth = kinked | kinked_decoder
+    nonsmooth = (kinked | kinked_decoder) & (point != base_point).any(-1)  # equal points: 0, exact
     if method == "energy":
         result = _energy_by_smoothness(energy_embed, point, base_point, kinked, energy_rtol, lengths_only, curves)
         flag_nonsmooth(result, nonsmooth)

@@ -978,7 +978,8 @@ class DecoderPullbackMetric(RiemannianMetric):
                 rows = discrete[positions]  # along the log's own discrete geodesics
                 along, ok[rows] = transport_along_polygon(self._embed, w[rows], polygons, self.regularization)
                 transported[rows] = along
-        self._report(int((~ok).sum()), len(ok), "parallel_transport")
+        n_nonsmooth = 0 if direction is not None else int((result.nonsmooth & ~ok).sum())
+        self._report(int((~ok).sum()), len(ok), "parallel_transport", n_nonsmooth)
         return _nan_rows(transported, ok).reshape(*batch, self.dim)
 
     # ----------------------------------------------------------- statistics
@@ -1164,13 +1165,16 @@ def _geodesic_paths(
         ends = (energy.tangent_vec, _end_velocity(energy_embed, curve, length))
         curves.append((rows, curve, (arc_length_times(energy_embed, curve), ends)))
 
-    def ode(velocity: Tensor, start: Tensor, times: Tensor) -> Tensor:
-        points, ok = geodesic_ivp(m._embed, velocity, start, times, m.ode_options, m.regularization)
-        return _nan_rows(points, ok)
-
     def path(t):
         times = torch.as_tensor(t, dtype=z0.dtype, device=z0.device).reshape(-1)
         out = torch.empty(z0.shape[0], times.shape[0], m.dim, dtype=z0.dtype, device=z0.device)
+        failed = torch.zeros(z0.shape[0], dtype=torch.bool, device=z0.device)
+
+        def ode(velocity: Tensor, start: Tensor, times: Tensor) -> Tensor:
+            points, ok = geodesic_ivp(m._embed, velocity, start, times, m.ode_options, m.regularization)
+            failed[rows[~ok]] = True
+            return _nan_rows(points, ok)
+
         for rows, curve, extra in curves:
             if curve is None:
                 out[rows] = ode(extra, z0[rows], times)
@@ -1187,6 +1191,8 @@ def _geodesic_paths(
             if after.any():
                 block[:, after] = ode(last, z1[rows], times[after] - 1)
             out[rows] = block
+        # NaN rows where an ODE solve failed (a geodesic running off), as exp reports them.
+        m._report(int(failed.sum()), len(failed), "geodesic")
         return out.reshape(*batch, times.shape[0], m.dim)
 
     return path

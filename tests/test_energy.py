@@ -170,6 +170,30 @@ def test_kinked_activations_are_found_in_modules_and_traced_forwards():
             return self.out(torch.tanh(torch.nn.functional.relu_(self.inp(z))) + self.inp(z).relu_())
 
     assert kinked_activations(as_decoder(InPlace())) == ["relu_ (in InPlace.forward)"] * 2
+
+    class Guarded(torch.nn.Module):  # fx cannot trace the guard: its source is read
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = torch.nn.Linear(2, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, z):
+            if z.dim() == 1:
+                z = z[None]
+            return self.out(torch.tanh(torch.nn.functional.relu(self.inp(z))))
+
+    assert kinked_activations(as_decoder(Guarded())) == ["relu (in Guarded.forward, its source)"]
+
+    class VAE(torch.nn.Module):  # a method decoder: the activations of the encoder do not count
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+            self.dec = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
+
+        def decode(self, z):
+            return self.dec(z)
+
+    assert kinked_activations(as_decoder(VAE().decode)) == []
+    assert kinked_activations(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU())) == ["ReLU (1)"]
     assert kinked_activations(as_decoder(fold)) == []  # a plain function: its code is not read
 
 
@@ -188,6 +212,8 @@ def test_kinked_decoder_is_answered_by_the_energy_method_and_flagged(two_media_p
     rel = (space.metric.norm(report.tangent_vec, a) - truth) / truth
     # measured: within 0.5% (the nonsmooth energy's local minima); the straight line is 16-23% short
     assert (rel.abs() < 1e-2).all(), rel
+    same = space.metric.solve_log(a, a)  # equal points: 0, exact, on any decoder
+    assert same.converged.all() and not same.nonsmooth.any() and (same.tangent_vec == 0).all()
     shot = space.metric.solve_log(b, a, method="shooting")
     assert shot.nonsmooth.all() and not shot.converged.any()
     with pytest.warns(ConvergenceWarning, match="not smooth") as caught:

@@ -280,3 +280,22 @@ def test_geodesic_to_an_end_point_follows_the_logs_own_discrete_geodesics(monkey
     t = torch.linspace(0, 1, 5, dtype=F64)
     path = starved.metric.geodesic(initial_point=z0, end_point=z1)(t)
     torch.testing.assert_close(path, expected(t), rtol=0, atol=1e-12)
+
+
+def test_geodesic_path_beyond_its_end_points_reports_failed_solves():
+    """A continuation outside [0, 1] that runs off (the metric vanishes far out) is NaN and
+    reported per on_failure, as exp and the initial-value geodesic are (it was NaN, silently;
+    a reviewer's find)."""
+    torch.manual_seed(2)
+    decoder = torch.nn.Sequential(
+        torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)
+    ).double()
+    with torch.no_grad():
+        decoder[0].weight.mul_(3)
+    z0 = torch.tensor([0.31076852559876356, 0.998389794144314], dtype=F64)
+    z1 = torch.tensor([-2.0406231602818203, -1.7628567964602637], dtype=F64)
+    space = PullbackManifold(decoder, dim=2, log_method="energy", on_failure="raise")
+    path = space.metric.geodesic(initial_point=z0, end_point=z1)
+    torch.testing.assert_close(path(torch.tensor([1.0], dtype=F64))[0], z1, rtol=0, atol=1e-12)
+    with pytest.raises(ConvergenceError, match="geodesic: 1 of 1 pairs"):
+        path(torch.tensor([1.0, 1.3], dtype=F64))
