@@ -275,46 +275,66 @@ def _energy_by_smoothness(
     if not kinked.any() or kinked.all():
         result, curve, _ = energy_log(embed, point, base_point, smooth=not kinked.any(), **options)
         if curves is not None:
-            curves.add(torch.arange(len(point), device=point.device), curve)
+            curves.add(torch.arange(len(point), device=point.device), curve, result.n_iterations)
         return result
     parts = []
     for rows in ((~kinked).nonzero().squeeze(-1), kinked.nonzero().squeeze(-1)):
         part, curve, _ = energy_log(embed, point[rows], base_point[rows], smooth=not bool(kinked[rows[0]]), **options)
         if curves is not None:
-            curves.add(rows, curve)
+            curves.add(rows, curve, part.n_iterations)
         parts.append((rows, part))
     return _assembled(point, parts, "energy")
 
 
+def own_polygons(curve: Tensor, levels: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Each discrete geodesic of :func:`~pullback_manifold.discrete.energy_log` at its own
+    resolution: ``(positions, polygons)`` groups of the pairs of ``curve`` ``(n, N + 1, d)``
+    with the same number of levels (``levels`` ``(n,)``, its ``n_iterations``). A pair that
+    stopped refining early has its polygon filled with midpoints to the finest pair's size;
+    those add nothing, and a Richardson step or an end velocity read from them is wrong."""
+    finest = int(levels.max()) if len(levels) else 0
+    groups = []
+    for level in levels.unique().tolist():
+        positions = (levels == level).nonzero().squeeze(-1)
+        stride = 2 ** (finest - int(level))
+        if (curve.shape[1] - 1) % stride:
+            stride = 1  # not an energy_log polygon: as it is
+        groups.append((positions, curve[positions][:, ::stride]))
+    return groups
+
+
 class _Curves:
     """The discrete geodesics a log solved, by pair: polygons ``(m, N + 1, d)`` for rows of
-    the whole batch (the last one solved for a pair is the one its answer came from)."""
+    the whole batch, each with its number of levels (the last one solved for a pair is the
+    one its answer came from)."""
 
     def __init__(self, offset: Tensor | None = None, parts: list | None = None):
         self.offset = offset  # this chunk's (or subset's) rows in the whole batch
-        self.parts: list[tuple[Tensor, Tensor]] = [] if parts is None else parts
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] = [] if parts is None else parts
 
     def within(self, rows: Tensor) -> _Curves:
         """The same store, for a subset ``rows`` of the current pairs."""
         return _Curves(rows if self.offset is None else self.offset[rows], self.parts)
 
-    def add(self, rows: Tensor, curve: Tensor) -> None:
-        self.parts.append((rows if self.offset is None else self.offset[rows], curve))
+    def add(self, rows: Tensor, curve: Tensor, levels: Tensor) -> None:
+        self.parts.append((rows if self.offset is None else self.offset[rows], curve, levels))
 
     def of(self, rows: Tensor) -> list[tuple[Tensor, Tensor]]:
         """``(positions, polygons)`` groups covering the ``rows`` (of the whole batch) that have
-        a discrete geodesic: ``positions`` index ``rows``."""
-        ends = [int(part.max()) + 1 for part, _ in self.parts if len(part)]
+        a discrete geodesic, each at its own resolution (:func:`own_polygons`): ``positions``
+        index ``rows``."""
+        ends = [int(part.max()) + 1 for part, _, _ in self.parts if len(part)]
         size = max([int(rows.max()) + 1 if len(rows) else 0, *ends])
         source = torch.full((size,), -1, dtype=torch.long, device=rows.device)
         local = torch.zeros_like(source)
-        for k, (part_rows, _) in enumerate(self.parts):
+        for k, (part_rows, _, _) in enumerate(self.parts):
             source[part_rows], local[part_rows] = k, torch.arange(len(part_rows), device=rows.device)
         groups = []
-        for k, (_, curve) in enumerate(self.parts):
+        for k, (_, curve, levels) in enumerate(self.parts):
             positions = (source[rows] == k).nonzero().squeeze(-1)
             if len(positions):
-                groups.append((positions, curve[local[rows[positions]]]))
+                index = local[rows[positions]]
+                groups += [(positions[sub], polygons) for sub, polygons in own_polygons(curve[index], levels[index])]
         return groups
 
 
@@ -441,7 +461,7 @@ def _log_chunk(
             energy_embed, point[todo], base_point[todo], rtol=energy_rtol, lengths_only=lengths_only
         )
         if curves is not None:
-            curves.add(todo, curve)
+            curves.add(todo, curve, guess.n_iterations)
         # A pair the discrete geodesic could not certify gets its chance with shooting anyway;
         # a certified one, if polishing it pays (distances only: it never does).
         to_polish = ~guess.converged

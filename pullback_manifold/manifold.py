@@ -42,6 +42,7 @@ from .logarithm import (  # noqa: E402
     flag_nonsmooth,
     kinked_activations,
     log_map,
+    own_polygons,
     piecewise_linear_pairs,
 )
 from .transport import parallel_transport, transport_along_polygon  # noqa: E402
@@ -1119,7 +1120,7 @@ class ODEExpSolver(ExpSolver):
         (v, z), batch = m._prepare("base_point", True, tangent_vec=tangent_vec, base_point=base_point)
 
         def path(t):
-            times = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(-1)
+            times = _path_times(t, z)
             points, ok = geodesic_ivp(m._embed, v, z, times, m.ode_options, m.regularization)
             m._report(int((~ok).sum()), len(ok), "geodesic")
             return _nan_rows(points, ok).reshape(*batch, times.shape[0], m.dim)
@@ -1162,11 +1163,12 @@ def _geodesic_paths(
             flag_nonsmooth(energy, torch.full_like(energy.converged, kinked_decoder))
             n_nonsmooth = int((energy.nonsmooth & ~energy.converged).sum())
             m._report(energy.n_failed, energy.converged.numel(), "geodesic (energy method)", n_nonsmooth)
-        ends = (energy.tangent_vec, _end_velocity(energy_embed, curve, length))
-        curves.append((rows, curve, (arc_length_times(energy_embed, curve), ends)))
+        for sub, polygons in own_polygons(curve, energy.n_iterations):
+            ends = (energy.tangent_vec[sub], _end_velocity(energy_embed, polygons, length[sub]))
+            curves.append((rows[sub], polygons, (arc_length_times(energy_embed, polygons), ends)))
 
     def path(t):
-        times = torch.as_tensor(t, dtype=z0.dtype, device=z0.device).reshape(-1)
+        times = _path_times(t, z0)
         out = torch.empty(z0.shape[0], times.shape[0], m.dim, dtype=z0.dtype, device=z0.device)
         failed = torch.zeros(z0.shape[0], dtype=torch.bool, device=z0.device)
 
@@ -1196,6 +1198,14 @@ def _geodesic_paths(
         return out.reshape(*batch, times.shape[0], m.dim)
 
     return path
+
+
+def _path_times(t, like: Tensor) -> Tensor:
+    """A geodesic path's times ``(n_t,)`` from a number, list or array; NaN or Inf raise."""
+    times = torch.as_tensor(t, dtype=like.dtype, device=like.device).reshape(-1)
+    if not torch.isfinite(times).all():
+        raise ValueError(f"path(t): t contains NaN or Inf ({times.tolist()[:8]}): pass finite times")
+    return times
 
 
 def _end_velocity(embed, curve: Tensor, length: Tensor) -> Tensor:
@@ -1318,8 +1328,6 @@ class ShootingLogSolver(LogSolver):
         """
         m = self.metric
         (z1, z0), batch = m._prepare("base_point", True, point=point, base_point=base_point)
-        if m.log_method == "energy":
-            return _geodesic_paths(m, z1, z0, None, batch)
         solved = _Curves()
         result = m._log_map(z1, z0, None, m.log_method, curves=solved)
         n_nonsmooth = int((result.nonsmooth & ~result.converged).sum())

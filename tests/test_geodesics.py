@@ -276,10 +276,19 @@ def test_geodesic_to_an_end_point_follows_the_logs_own_discrete_geodesics(monkey
     def no_second_solve(*args, **kwargs):
         raise AssertionError("the discrete geodesics were solved again")
 
+    energy = PullbackManifold(tanh_mlp(2, 8, seed=2), dim=2, log_method="energy")
+    expected_energy = energy.metric.geodesic_from_log(energy.metric.solve_log(z1, z0), z1, z0)
     monkeypatch.setattr(manifold, "energy_log", no_second_solve)
     t = torch.linspace(0, 1, 5, dtype=F64)
     path = starved.metric.geodesic(initial_point=z0, end_point=z1)(t)
     torch.testing.assert_close(path, expected(t), rtol=0, atol=1e-12)
+    # log_method="energy" too (it solved the whole batch again, unchunked: a reviewer's find)
+    path = energy.metric.geodesic(initial_point=z0, end_point=z1)(t)
+    torch.testing.assert_close(path, expected_energy(t), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="NaN or Inf"):  # was uninitialized memory, silently
+        path = energy.metric.geodesic(initial_point=z0, end_point=z1)(torch.tensor([0.5, float("nan")]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        energy.metric.geodesic(initial_point=z0, initial_tangent_vec=z1)(float("nan"))
 
 
 def test_geodesic_path_beyond_its_end_points_reports_failed_solves():
