@@ -36,15 +36,7 @@ from .decoders import Decoder, MetricDecoder, as_decoder  # noqa: E402
 from .errors import ConvergenceError, ConvergenceWarning, DecoderError, is_positive_float, is_positive_int  # noqa: E402
 from .discrete import arc_length_times, energy_log, interpolate_curve  # noqa: E402
 from .geodesics import LogResult, ODEOptions, exp, geodesic_flow, geodesic_ivp  # noqa: E402
-from .logarithm import (  # noqa: E402
-    METHODS,
-    _Curves,
-    flag_nonsmooth,
-    kinked_activations,
-    log_map,
-    own_polygons,
-    piecewise_linear_pairs,
-)
+from .logarithm import METHODS, _Curves, log_map, own_polygons, piecewise_linear_pairs  # noqa: E402
 from .transport import parallel_transport, transport_along_polygon  # noqa: E402
 
 __all__ = ["PullbackManifold", "DecoderPullbackMetric", "ODEExpSolver", "ShootingLogSolver"]
@@ -1129,17 +1121,13 @@ class ODEExpSolver(ExpSolver):
 
 
 def _geodesic_paths(
-    m: DecoderPullbackMetric, z1: Tensor, z0: Tensor, result: LogResult | None, batch, solved: _Curves | None = None
+    m: DecoderPullbackMetric, z1: Tensor, z0: Tensor, result: LogResult, batch, solved: _Curves | None = None
 ):
     """``path(t)`` joining flat pairs: ODE geodesics of ``result`` where shooting solved
-    them, discrete geodesics (energy method) elsewhere, or everywhere if ``result`` is None:
-    those of ``solved`` (the log's), or solved again."""
+    them, discrete geodesics (energy method) elsewhere: those of ``solved`` (the log's), or
+    solved again."""
     linear = piecewise_linear_pairs(m._embed, z1, z0)
-    if result is None:
-        by_ode = torch.zeros_like(linear)
-    else:
-        by_ode = ~result.nonsmooth.reshape(-1) & ~result.from_energy.reshape(-1)
-    kinked_decoder = bool(kinked_activations(m._embed))
+    by_ode = ~result.nonsmooth.reshape(-1) & ~result.from_energy.reshape(-1)
     curves = []
     energy_embed = geometry.energy_embedding(m._embed, m.regularization)
     if by_ode.any():
@@ -1159,10 +1147,6 @@ def _geodesic_paths(
         if len(rows) == 0:
             continue
         energy, curve, length = energy_log(energy_embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_linear)
-        if result is None:
-            flag_nonsmooth(energy, torch.full_like(energy.converged, kinked_decoder))
-            n_nonsmooth = int((energy.nonsmooth & ~energy.converged).sum())
-            m._report(energy.n_failed, energy.converged.numel(), "geodesic (energy method)", n_nonsmooth)
         for sub, polygons in own_polygons(curve, energy.n_iterations):
             ends = (energy.tangent_vec[sub], _end_velocity(energy_embed, polygons, length[sub]))
             curves.append((rows[sub], polygons, (arc_length_times(energy_embed, polygons), ends)))
