@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .geodesics import ODEOptions, _odeint_flagged, _times
-from .geometry import Embedding, connection, geodesic_acceleration
+from .geometry import Embedding, christoffels, connection, geodesic_acceleration
 
 __all__ = ["parallel_transport", "transport_along_polygon"]
 
@@ -64,22 +64,37 @@ def parallel_transport(
     return y1[:, 2 * d :], y1[:, :d], ok
 
 
+# Points per batched Christoffel evaluation (bounded memory: d^3 numbers per point).
+_POINT_CHUNK = 2048
+
+
 def _along_polygon(embed: Embedding, w: Tensor, curve: Tensor, steps: int, regularization: float) -> Tensor:
     """``w`` transported along polygons ``(n, N + 1, d)`` traversed at uniform times: on each
     chord, velocity ``N (c_{k+1} - c_k)``, ``steps`` classical Runge-Kutta steps of
-    ``w' = -Gamma(c', w)``."""
-    N = curve.shape[1] - 1
+    ``w' = -Gamma(c', w)``. ``Gamma`` is bilinear and its stage points are known in advance:
+    the Christoffel symbols at all of them come from one batched pass (chunked), and the
+    steps are small matrix products."""
+    n, k, d = curve.shape
+    N = k - 1
     h = 1.0 / (N * steps)
-    for k in range(N):
-        velocity = (curve[:, k + 1] - curve[:, k]) * N
+    # Stage points: 2 * steps + 1 per chord (start, the half steps, end), shared ends dropped.
+    fractions = torch.arange(2 * steps, dtype=curve.dtype, device=curve.device) / (2 * steps)
+    chords = curve[:, 1:] - curve[:, :-1]
+    points = curve[:, :-1, None] + fractions[:, None] * chords[:, :, None]  # (n, N, 2 steps, d)
+    points = torch.cat([points.reshape(n, -1, d), curve[:, -1:]], dim=1).reshape(-1, d)
+    gamma = torch.cat(
+        [christoffels(embed, chunk, regularization) for chunk in points.split(_POINT_CHUNK)]
+    ).reshape(n, -1, d, d, d)
+    for segment in range(N):
+        # -Gamma(c', .) at this chord's stage points, as matrices: (n, 2 steps + 1, d, d)
+        stage = gamma[:, segment * 2 * steps : (segment + 1) * 2 * steps + 1]
+        A = -torch.einsum("nskij,ni->nskj", stage, chords[:, segment] * N)
         for step in range(steps):
-            start = curve[:, k] + (step / steps) * (curve[:, k + 1] - curve[:, k])
-            end = curve[:, k] + ((step + 1) / steps) * (curve[:, k + 1] - curve[:, k])
-            middle = 0.5 * (start + end)
-            k1 = -connection(embed, start, velocity, w, regularization)
-            k2 = -connection(embed, middle, velocity, w + 0.5 * h * k1, regularization)
-            k3 = -connection(embed, middle, velocity, w + 0.5 * h * k2, regularization)
-            k4 = -connection(embed, end, velocity, w + h * k3, regularization)
+            start, middle, end = A[:, 2 * step], A[:, 2 * step + 1], A[:, 2 * step + 2]
+            k1 = (start @ w[..., None])[..., 0]
+            k2 = (middle @ (w + 0.5 * h * k1)[..., None])[..., 0]
+            k3 = (middle @ (w + 0.5 * h * k2)[..., None])[..., 0]
+            k4 = (end @ (w + h * k3)[..., None])[..., 0]
             w = w + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
     return w
 
@@ -91,7 +106,8 @@ def transport_along_polygon(
     """Transport ``tangent_vec`` along polygons with nodes at uniform times (discrete geodesics).
 
     Each chord is traversed in time ``1 / N`` at velocity ``N (c_{k+1} - c_k)``, and
-    ``w' = -Gamma(c', w)`` is integrated along it by a classical Runge-Kutta step. The
+    ``w' = -Gamma(c', w)`` is integrated along it by a classical Runge-Kutta step, with the
+    Christoffel symbols at every stage point from one batched pass. The
     polygon's chords cut its arcs, an ``O(1 / N^2)`` error, which Richardson extrapolation
     against the polygon through every other node removes (integrated with two steps per
     chord, the same density of points): on the sphere chart at 64 segments, the transported
