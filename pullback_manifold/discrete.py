@@ -729,10 +729,26 @@ def _initial_velocity(embed, base_point: Tensor, directions: list[Tensor], lengt
     from the length (:func:`_certify`'s), since a geodesic has constant speed ``|v|_G = L``.
     """
     direction = directions[-1] + (directions[-1] - directions[-2]) / 3
-    G = metric_matrix(embed, base_point)
-    speed = torch.einsum("ni,nij,nj->n", direction, G, direction).clamp_min(0).sqrt()
-    factor = torch.where(speed > 0, length / speed, torch.zeros_like(speed))
-    return direction * factor[:, None]
+    return scaled_to_length(embed, base_point, direction, length)
+
+
+def metric_norm(embed, point: Tensor, vector: Tensor) -> Tensor:
+    """``|vector|_G`` at ``point`` ``(n, d)``: ``(n,)``."""
+    G = metric_matrix(embed, point)
+    return torch.einsum("ni,nij,nj->n", vector, G, vector).clamp_min(0).sqrt()
+
+
+def scaled_to_length(embed, point: Tensor, direction: Tensor, length: Tensor) -> Tensor:
+    """``direction`` ``(n, d)`` at ``point`` scaled to ``|v|_G = length`` (0 where it is 0):
+    a geodesic's velocity has its length as constant speed."""
+    speed = metric_norm(embed, point, direction)
+    return direction * torch.where(speed > 0, length / speed, torch.zeros_like(speed))[:, None]
+
+
+def end_velocity(embed, curve: Tensor, length: Tensor) -> Tensor:
+    """Velocity at ``t = 1`` ``(n, d)`` of discrete geodesics ``(n, N + 1, d)`` of lengths
+    ``(n,)``: the nodes' second-order one-sided difference, scaled to the length."""
+    return scaled_to_length(embed, curve[:, -1], -_initial_direction(curve.flip(1)), length)
 
 
 def _tiny_chords(point: Tensor, base_point: Tensor) -> Tensor:
@@ -754,8 +770,7 @@ def _taylor_log(embed, point: Tensor, base_point: Tensor) -> tuple[Tensor, Tenso
     chord = point - base_point
     acceleration = geodesic_acceleration(embed, base_point, chord)
     velocity = chord - 0.5 * acceleration
-    G = metric_matrix(embed, base_point)
-    length = torch.einsum("ni,nij,nj->n", velocity, G, velocity).clamp_min(0).sqrt()
+    length = metric_norm(embed, base_point, velocity)
     ratio = acceleration.abs().amax(-1) / chord.abs().amax(-1)
     error = (ratio * ratio).clamp_min(torch.finfo(point.dtype).eps)
     return velocity, length, error

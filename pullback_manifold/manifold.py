@@ -34,7 +34,7 @@ from geomstats.numerics.geodesic import ExpSolver, LogSolver  # noqa: E402
 from . import geometry  # noqa: E402
 from .decoders import Decoder, MetricDecoder, as_decoder  # noqa: E402
 from .errors import ConvergenceError, ConvergenceWarning, DecoderError, is_positive_float, is_positive_int  # noqa: E402
-from .discrete import arc_length_times, energy_log, interpolate_curve  # noqa: E402
+from .discrete import arc_length_times, end_velocity, energy_log, interpolate_curve, metric_norm  # noqa: E402
 from .geodesics import LogResult, ODEOptions, exp, geodesic_flow, geodesic_ivp  # noqa: E402
 from .logarithm import METHODS, _Curves, log_map, own_polygons, piecewise_linear_pairs  # noqa: E402
 from .transport import parallel_transport, transport_along_polygon  # noqa: E402
@@ -1137,9 +1137,7 @@ def _geodesic_paths(
     for positions, curve in [] if solved is None or len(rest) == 0 else solved.of(rest):
         rows = rest[positions]
         first = result.tangent_vec.reshape(-1, m.dim)[rows]
-        G = geometry.metric_matrix(m._embed, z0[rows], m.regularization)
-        length = torch.einsum("ni,nij,nj->n", first, G, first).clamp_min(0).sqrt()
-        ends = (first, _end_velocity(energy_embed, curve, length))
+        ends = (first, end_velocity(energy_embed, curve, metric_norm(energy_embed, z0[rows], first)))
         curves.append((rows, curve, (arc_length_times(energy_embed, curve), ends)))
         done[rows] = True
     for is_linear in (False, True):
@@ -1148,7 +1146,7 @@ def _geodesic_paths(
             continue
         energy, curve, length = energy_log(energy_embed, z1[rows], z0[rows], rtol=m.energy_rtol, smooth=not is_linear)
         for sub, polygons in own_polygons(curve, energy.n_iterations):
-            ends = (energy.tangent_vec[sub], _end_velocity(energy_embed, polygons, length[sub]))
+            ends = (energy.tangent_vec[sub], end_velocity(energy_embed, polygons, length[sub]))
             curves.append((rows[sub], polygons, (arc_length_times(energy_embed, polygons), ends)))
 
     def path(t):
@@ -1190,17 +1188,6 @@ def _path_times(t, like: Tensor) -> Tensor:
     if not torch.isfinite(times).all():
         raise ValueError(f"path(t): t contains NaN or Inf ({times.tolist()[:8]}): pass finite times")
     return times
-
-
-def _end_velocity(embed, curve: Tensor, length: Tensor) -> Tensor:
-    """Velocity ``(n, d)`` at ``t = 1`` of discrete geodesics ``(n, N + 1, d)`` of lengths ``(n,)``:
-    the nodes' second-order one-sided difference (they are at uniform times), scaled to the
-    constant speed ``|v|_G = length``."""
-    N = curve.shape[1] - 1
-    direction = (3 * curve[:, -1] - 4 * curve[:, -2] + curve[:, -3]) * (N / 2)
-    G = geometry.metric_matrix(embed, curve[:, -1])
-    speed = torch.einsum("ni,nij,nj->n", direction, G, direction).clamp_min(0).sqrt()
-    return direction * torch.where(speed > 0, length / speed, torch.zeros_like(speed))[:, None]
 
 
 def _sqrt_with_zero_subgradient(squared: Tensor) -> Tensor:
