@@ -747,8 +747,11 @@ def scaled_to_length(embed, point: Tensor, direction: Tensor, length: Tensor) ->
 
 def end_velocity(embed, curve: Tensor, length: Tensor) -> Tensor:
     """Velocity at ``t = 1`` ``(n, d)`` of discrete geodesics ``(n, N + 1, d)`` of lengths
-    ``(n,)``: the nodes' second-order one-sided difference, scaled to the length."""
-    return scaled_to_length(embed, curve[:, -1], -_initial_direction(curve.flip(1)), length)
+    ``(n,)``: the nodes' third-order one-sided difference (second-order where there are
+    three nodes), scaled to the length."""
+    last = curve[:, -4:].flip(1)
+    steps = torch.arange(last.shape[1], dtype=curve.dtype, device=curve.device).expand(len(curve), -1)
+    return scaled_to_length(embed, curve[:, -1], -_end_slope(last, steps).squeeze(1), length)
 
 
 def _tiny_chords(point: Tensor, base_point: Tensor) -> Tensor:
@@ -1270,8 +1273,8 @@ def arc_length_times(embed: Embedding, curve: Tensor) -> Tensor:
     return torch.where(total > 0, cumulative / total.clamp_min(torch.finfo(curve.dtype).tiny), uniform)
 
 
-def interpolate_curve(curve: Tensor, times: Tensor, node_times: Tensor | None = None) -> Tensor:
-    """Evaluate polygons at ``times``, linearly between nodes.
+def interpolate_curve(curve: Tensor, times: Tensor, node_times: Tensor | None = None, cubic: bool | Tensor = False) -> Tensor:
+    """Evaluate polygons at ``times``, linearly or by cubic Hermite pieces between nodes.
 
     Parameters
     ----------
@@ -1280,6 +1283,12 @@ def interpolate_curve(curve: Tensor, times: Tensor, node_times: Tensor | None = 
         In ``[0, 1]``.
     node_times : Tensor, shape=[n, N + 1], optional
         Non-decreasing times of the nodes, from 0 to 1; uniform if None.
+    cubic : bool or Tensor, shape=[n], bool
+        Curves (all, or those marked) read as the :math:`C^1` cubic Hermite curve through
+        their nodes, with node velocities from three-point differences in ``node_times``
+        (one-sided at the ends): :math:`O(h^3)` between the nodes of a smooth curve, where
+        straight pieces are :math:`O(h^2)` off. Leave False for a curve with kinks (a
+        nonsmooth decoder's geodesic), where a cubic can overshoot.
 
     Returns
     -------
@@ -1296,6 +1305,51 @@ def interpolate_curve(curve: Tensor, times: Tensor, node_times: Tensor | None = 
     t_left, t_right = node_times.gather(1, left), node_times.gather(1, right)
     width = t_right - t_left
     frac = torch.where(width > 0, (t - t_left) / width.clamp_min(torch.finfo(curve.dtype).tiny), torch.zeros_like(t))
+    frac = frac.clamp(0, 1)[..., None]
     c_left = curve.gather(1, left[..., None].expand(-1, -1, d))
     c_right = curve.gather(1, right[..., None].expand(-1, -1, d))
-    return c_left + frac.clamp(0, 1)[..., None] * (c_right - c_left)
+    linear = c_left + frac * (c_right - c_left)
+    cubic = torch.as_tensor(cubic, device=curve.device).expand(n)
+    if k < 3 or not cubic.any():
+        return linear
+    slopes, valid = _node_slopes(curve, node_times)
+    m_left = slopes.gather(1, left[..., None].expand(-1, -1, d)) * width[..., None]
+    m_right = slopes.gather(1, right[..., None].expand(-1, -1, d)) * width[..., None]
+    # Hermite form: the chord plus a correction that vanishes at both nodes.
+    s = frac
+    hermite = linear + s * (1 - s) * ((1 - s) * (m_left - (c_right - c_left)) - s * (m_right - (c_right - c_left)))
+    use = (cubic & valid)[:, None, None] & torch.isfinite(hermite).all(-1, keepdim=True)
+    return torch.where(use, hermite, linear)
+
+
+def _node_slopes(curve: Tensor, node_times: Tensor) -> tuple[Tensor, Tensor]:
+    """``dz/dt`` at the nodes ``(n, N + 1, d)``: the derivative of the parabola through each
+    node and its neighbours, and at the ends of the cubic through the first or last four
+    nodes (one order more: a one-sided parabola made the ends the worst places); and which
+    curves ``(n,)`` have them (not those with two nodes at one time: equal end points)."""
+    tiny = torch.finfo(curve.dtype).tiny
+    h = (node_times[:, 1:] - node_times[:, :-1])[..., None]  # (n, N, 1)
+    dz = (curve[:, 1:] - curve[:, :-1]) / h.clamp_min(tiny)  # chord slopes
+    h1, h2, s1, s2 = h[:, :-1], h[:, 1:], dz[:, :-1], dz[:, 1:]
+    interior = (h2 * s1 + h1 * s2) / (h1 + h2).clamp_min(tiny)
+    first = _end_slope(curve[:, :4], node_times[:, :4])
+    last = _end_slope(curve[:, -4:].flip(1), node_times[:, -4:].flip(1))
+    return torch.cat([first, interior, last], dim=1), (h > 0).all(1).squeeze(-1)
+
+
+def _end_slope(nodes: Tensor, times: Tensor) -> Tensor:
+    """``dz/dt`` at the first of 2 to 4 nodes ``(n, k, d)`` at times ``(n, k)``: the
+    derivative there of the polynomial through them (Lagrange weights)."""
+    k = nodes.shape[1]
+    diff = times[:, 0:1] - times  # t_0 - t_j
+    weights = []
+    for j in range(k):
+        if j == 0:
+            w = sum(1 / diff[:, m] for m in range(1, k))
+        else:
+            w = 1 / (times[:, j] - times[:, 0])
+            for m in range(1, k):
+                if m != j:
+                    w = w * diff[:, m] / (times[:, j] - times[:, m])
+        weights.append(w)
+    return (torch.stack(weights, 1)[..., None] * nodes).sum(1, keepdim=True)

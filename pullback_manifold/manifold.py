@@ -1166,10 +1166,11 @@ def _geodesic_paths(
             # A discrete geodesic spans [0, 1]; beyond its ends, the ODE geodesics that leave
             # them with its end velocities continue it.
             node_times, (first, last) = extra
+            smooth = ~result.nonsmooth.reshape(-1)[rows]
             block = torch.empty(len(rows), times.shape[0], m.dim, dtype=z0.dtype, device=z0.device)
             inside, before, after = (times >= 0) & (times <= 1), times < 0, times > 1
             if inside.any():
-                block[:, inside] = interpolate_curve(curve, times[inside], node_times)
+                block[:, inside] = interpolate_curve(curve, times[inside], node_times, cubic=smooth)
             if before.any():
                 block[:, before] = ode(first, z0[rows], times[before])
             if after.any():

@@ -304,6 +304,49 @@ def test_refinement_midpoints_are_cubic():
     assert (refined[1] - cubic(fine)[1]).abs().max() > 1e-4  # the end formula is only quadratic
 
 
+def test_paths_between_nodes_are_cubic_hermite_pieces():
+    """``interpolate_curve(..., cubic=True)`` reads a polygon as the C^1 cubic through its
+    nodes, with parabola slopes inside and cubic ones at the ends: exact on a quadratic at
+    uneven node times, where straight pieces are h^2 off; linear where asked, and where two
+    nodes share a time (equal end points)."""
+    from pullback_manifold.discrete import interpolate_curve
+
+    def quadratic(t):
+        return torch.stack([3 * t**2 - t, 1 - 2 * t**2], -1)
+
+    nodes = torch.tensor([0.0, 0.07, 0.2, 0.45, 0.5, 0.8, 1.0], dtype=F64)
+    t = torch.linspace(0, 1, 101, dtype=F64)
+    curves = torch.stack([quadratic(nodes), quadratic(nodes)])
+    node_times = nodes.expand(2, -1)
+    both = interpolate_curve(curves, t, node_times, cubic=torch.tensor([True, False]))
+    torch.testing.assert_close(both[0], quadratic(t), rtol=0, atol=1e-14)
+    assert (both[1] - quadratic(t)).abs().max() > 1e-2
+    torch.testing.assert_close(both[1], interpolate_curve(curves[1:], t, node_times[1:])[0], rtol=0, atol=0)
+    still = torch.ones(1, 7, 2, dtype=F64)
+    flat = interpolate_curve(still, t, torch.zeros(1, 7, dtype=F64), cubic=True)
+    torch.testing.assert_close(flat, torch.ones(1, 101, 2, dtype=F64), rtol=0, atol=0)
+
+
+def test_discrete_geodesic_paths_follow_the_great_circle_between_their_nodes():
+    """metric.geodesic of energy answers on the sphere chart against the great circle, at
+    many times between the nodes. Measured on these 16 pairs: 1.2e-7 at most in latent
+    units (straight pieces between the nodes: 1.6e-5), and at t = 1.5, beyond the end point,
+    2.1e-7 (end velocity from three nodes: 4.8e-6)."""
+    g = torch.Generator().manual_seed(3)
+    z0, z1 = sample_cap(16, 1.0, g), sample_cap(16, 1.0, g)
+    t = torch.cat([torch.linspace(0, 1, 401, dtype=F64), torch.tensor([-0.5, 1.5], dtype=F64)])
+    space = PullbackManifold(inverse_stereographic, dim=2, log_method="energy")
+    path = space.metric.geodesic(initial_point=z0, end_point=z1)(t)
+    x0, x1 = inverse_stereographic(z0), inverse_stereographic(z1)
+    angle = great_circle(x0, x1)[:, None, None]
+    s = t[None, :, None]
+    arc = (torch.sin((1 - s) * angle) * x0[:, None] + torch.sin(s * angle) * x1[:, None]) / torch.sin(angle)
+    exact = arc[..., :2] / (1 + arc[..., 2:])  # stereographic projection
+    error = (path - exact).norm(dim=-1)
+    assert error[:, :401].max() < 1e-6
+    assert error[:, 401:].max() < 1e-6
+
+
 def test_bad_method_names_are_refused():
     with pytest.raises(ValueError, match="log_method"):
         PullbackManifold(fold, dim=2, log_method="newton")
