@@ -459,17 +459,29 @@ class DecoderPullbackMetric(RiemannianMetric):
             )
         return value
 
-    def _report(self, n_failed: int, n_total: int, what: str, n_nonsmooth: int = 0) -> None:
+    def _report(self, n_failed: int, n_total: int, what: str, n_nonsmooth: int = 0, kind: str = "log") -> None:
+        """Warn or raise per ``on_failure`` about ``n_failed`` of ``n_total`` results of ``what``:
+        ``kind`` ``"log"`` (boundary-value solves: unconverged answers), ``"ode"`` (initial-value
+        solves: NaN rows) or ``"transport"`` (a log, then a transport: NaN rows)."""
         if n_failed == 0 or self.on_failure == "ignore":
             return
-        msg = (
-            f"{what}: {n_failed} of {n_total} pairs did not converge; their results are NaN (exp) or "
-            "unconverged (log). Call metric.solve_log(...) for the per-pair report"
-        )
-        if n_nonsmooth < n_failed:
-            msg += ", or loosen/raise max_iter, ode_options.max_num_steps, or pass regularization."
+        if kind == "ode":
+            msg = (
+                f"{what}: {n_failed} of {n_total} geodesic ODE solves failed; their results are NaN. The "
+                "geodesic left the decoder's domain, met NaN, or needed more than ode_options.max_num_steps "
+                "steps: raise ODEOptions(max_num_steps=...) for stiff geodesics, or use shorter tangent "
+                "vectors or pass regularization."
+            )
         else:
-            msg += "."
+            result = "NaN" if kind == "transport" else "the best approximations found, not certified"
+            msg = (
+                f"{what}: {n_failed} of {n_total} pairs did not converge; their results are {result}. "
+                "Call metric.solve_log(...) for the per-pair report"
+            )
+            if n_nonsmooth < n_failed:
+                msg += ", or raise max_iter or ode_options.max_num_steps, or pass regularization."
+            else:
+                msg += "."
         if n_nonsmooth:
             msg += (
                 f" {n_nonsmooth} of them lie where the decoder is not smooth (piecewise linear, or "
@@ -972,7 +984,7 @@ class DecoderPullbackMetric(RiemannianMetric):
                 along, ok[rows] = transport_along_polygon(self._embed, w[rows], polygons, self.regularization)
                 transported[rows] = along
         n_nonsmooth = 0 if direction is not None else int((result.nonsmooth & ~ok).sum())
-        self._report(int((~ok).sum()), len(ok), "parallel_transport", n_nonsmooth)
+        self._report(int((~ok).sum()), len(ok), "parallel_transport", n_nonsmooth, kind="ode" if direction is not None else "transport")
         return _nan_rows(transported, ok).reshape(*batch, self.dim)
 
     # ----------------------------------------------------------- statistics
@@ -1004,6 +1016,57 @@ class DecoderPullbackMetric(RiemannianMetric):
         from .statistics import pairwise_dists  # noqa: PLC0415  (statistics imports this module)
 
         return pairwise_dists(self._space, points)
+
+    def log(self, point, base_point):
+        """Logarithm map: the initial velocity of a geodesic from ``base_point`` to ``point``.
+
+        Run by ``log_solver`` (geomstats' slot; this metric's own solver unless replaced):
+        ``log_method`` of the space, by default ``"auto"`` -- discrete geodesics (energy
+        method, refined until their length is certified to ``energy_rtol``), polished by
+        Newton shooting to an end-point residual of ``log_tol`` where the ODE geodesic
+        from their velocity ends near the point. Pairs left to the energy method
+        (``LogResult.from_energy``) have a certified length but a velocity whose direction
+        carries the discretization error, so ``exp`` of it is not promised to return the
+        point; ``log_method="shooting"`` promises that, where it converges. Pairs that do
+        not converge warn, raise or pass per ``on_failure``; :meth:`solve_log` returns the
+        per-pair report (and takes the method, chunking and a warm start per call). A call
+        with the previous call's points and base points moved a little (a Fréchet-mean
+        iteration) starts from the previous solution.
+
+        Parameters
+        ----------
+        point, base_point : array-like, shape=[..., d]
+
+        Returns
+        -------
+        tangent_vec : Tensor, shape=[..., d]
+            With ``|tangent_vec|_G = dist(base_point, point)`` (constant speed on ``[0, 1]``).
+            Not differentiable: for gradients use :meth:`squared_dist` or :meth:`exp`.
+        """
+        return super().log(point, base_point)
+
+    def geodesic(self, initial_point, end_point=None, initial_tangent_vec=None):
+        """The geodesic from ``initial_point`` with a given end point or initial velocity.
+
+        Give exactly one of ``end_point`` (a boundary-value problem: the geodesic of
+        :meth:`log`'s solution; for pairs the energy method answered, its discrete geodesic
+        on ``[0, 1]``, continued beyond by the ODE) or ``initial_tangent_vec`` (the ODE
+        geodesic ``t -> exp(t v)``).
+
+        Parameters
+        ----------
+        initial_point : array-like, shape=[..., d]
+        end_point : array-like, shape=[..., d], optional
+        initial_tangent_vec : array-like, shape=[..., d], optional
+
+        Returns
+        -------
+        path : callable
+            ``path(t)`` for times ``t`` (a number or ``(n_t,)``): points of shape
+            ``(n_t, d)`` for one geodesic, ``(..., n_t, d)`` for a batch. NaN rows where an
+            ODE solve failed (reported per ``on_failure``).
+        """
+        return super().geodesic(initial_point, end_point=end_point, initial_tangent_vec=initial_tangent_vec)
 
     def exp(self, tangent_vec, base_point):
         """Exponential map, differentiable in both arguments.
@@ -1039,7 +1102,7 @@ class DecoderPullbackMetric(RiemannianMetric):
         rhs = _variational_rhs(self._embed, d, self.regularization)
         ys, ok = _odeint_flagged(rhs, y0, _times(0.0, 1.0, y0), self.ode_options, 2 * d)
         ok = ok[:n] & ok[n:]
-        self._report(int((~ok).sum()), n, "exp (Jacobian, for gradients)")
+        self._report(int((~ok).sum()), n, "exp (Jacobian, for gradients)", kind="ode")
         jac = ys[-1, :, 2 * d : 2 * d + d * d].reshape(2, n, d, d)
         phi, psi = _nan_rows(jac[0], ok), _nan_rows(jac[1], ok)
         dz = z_in.expand(*batch, d).reshape(n, d).to(z.dtype)
@@ -1103,7 +1166,7 @@ class ODEExpSolver(ExpSolver):
         m = self.metric
         (v, z), batch = m._prepare("base_point", True, tangent_vec=tangent_vec, base_point=base_point)
         end, ok = exp(m._embed, v, z, m.ode_options, m.regularization)
-        m._report(int((~ok).sum()), len(ok), "exp")
+        m._report(int((~ok).sum()), len(ok), "exp", kind="ode")
         return _nan_rows(end, ok).reshape(*batch, m.dim)
 
     def geodesic_ivp(self, tangent_vec, base_point):
@@ -1114,7 +1177,7 @@ class ODEExpSolver(ExpSolver):
         def path(t):
             times = _path_times(t, z)
             points, ok = geodesic_ivp(m._embed, v, z, times, m.ode_options, m.regularization)
-            m._report(int((~ok).sum()), len(ok), "geodesic")
+            m._report(int((~ok).sum()), len(ok), "geodesic", kind="ode")
             return _nan_rows(points, ok).reshape(*batch, times.shape[0], m.dim)
 
         return path
@@ -1177,7 +1240,7 @@ def _geodesic_paths(
                 block[:, after] = ode(last, z1[rows], times[after] - 1)
             out[rows] = block
         # NaN rows where an ODE solve failed (a geodesic running off), as exp reports them.
-        m._report(int(failed.sum()), len(failed), "geodesic")
+        m._report(int(failed.sum()), len(failed), "geodesic", kind="ode")
         return out.reshape(*batch, times.shape[0], m.dim)
 
     return path

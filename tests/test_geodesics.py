@@ -306,5 +306,5 @@ def test_geodesic_path_beyond_its_end_points_reports_failed_solves():
     space = PullbackManifold(decoder, dim=2, log_method="energy", on_failure="raise")
     path = space.metric.geodesic(initial_point=z0, end_point=z1)
     torch.testing.assert_close(path(torch.tensor([1.0], dtype=F64))[0], z1, rtol=0, atol=1e-12)
-    with pytest.raises(ConvergenceError, match="geodesic: 1 of 1 pairs"):
+    with pytest.raises(ConvergenceError, match="geodesic: 1 of 1 geodesic ODE solves failed"):
         path(torch.tensor([1.0, 1.3], dtype=F64))
