@@ -28,8 +28,11 @@ forward-mode AD, torch runs many operators through Python decompositions (measur
 2 ms for one forward-mode derivative of a five-operation function that runs in 0.04 ms,
 9 ms nested). So is a module with forward hooks or pre-hooks, with all its submodules
 (the rules would skip the hooks): a hook on the decoder itself, or a global one, makes
-all of it slow. Layer normalization is written out in elementary operations on that
-path (torch 2.13's own nested derivative of it is wrong).
+all of it slow. Layer and instance normalization, ``det``, ``slogdet``, ``logdet``,
+``linalg.solve`` and ``glu`` are written out in elementary operations on that path
+(torch 2.13's own nested derivatives of them are wrong, or missing for ``glu``); a
+space checks second derivatives against finite differences on first use
+(``DecoderPullbackMetric._check_second_derivatives``) to catch any other such operation.
 """
 
 from __future__ import annotations
@@ -126,21 +129,109 @@ def _elementary_layer_norm(input, normalized_shape, weight=None, bias=None, eps=
     return out if bias is None else out + bias
 
 
-class _ElementaryLayerNorm(torch.overrides.TorchFunctionMode):
-    """Layer normalization in elementary operations wherever a decoder calls it: torch's own
-    forward-mode derivative of ``F.layer_norm`` gives wrong second derivatives when nested
-    (torch 2.13: 0.1 off on values of 0.5, against finite differences)."""
+def _elementary_instance_norm(
+    input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5
+):
+    """``F.instance_norm`` in elementary operations (its running statistics are not updated:
+    the geometry evaluates, it does not train)."""
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    if use_input_stats or running_mean is None:
+        axes = tuple(range(2, input.dim()))
+        centred = input - input.mean(axes, keepdim=True)
+        out = centred * torch.rsqrt(centred.pow(2).mean(axes, keepdim=True) + eps)
+    else:
+        out = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    return out if bias is None else out + bias.reshape(shape)
+
+
+def _torch_instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, *_):
+    """``torch.instance_norm``'s argument order."""
+    return _elementary_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+def _lu_parts(A: Tensor) -> tuple[Tensor, Tensor]:
+    """Diagonal of ``U`` and the permutation's sign, of ``A = P L U``."""
+    LU, pivots = torch.linalg.lu_factor(A)
+    steps = torch.arange(1, A.shape[-1] + 1, device=A.device, dtype=pivots.dtype)
+    swaps = (pivots != steps).sum(-1)
+    return LU.diagonal(dim1=-2, dim2=-1), 1 - 2 * (swaps % 2).to(A.dtype)
+
+
+def _elementary_det(A, *, out=None):
+    diagonal, sign = _lu_parts(A)
+    return sign * diagonal.prod(-1)
+
+
+def _elementary_slogdet(A, *, out=None):
+    diagonal, sign = _lu_parts(A)
+    return torch.return_types.slogdet((sign * diagonal.sign().prod(-1), diagonal.abs().log().sum(-1)))
+
+
+def _elementary_logdet(A):
+    sign, logabsdet = _elementary_slogdet(A)
+    nan = torch.full_like(logabsdet, float("nan"))
+    return torch.where(sign > 0, logabsdet, torch.where(sign == 0, -torch.inf, nan))
+
+
+def _elementary_solve(A, B, *, left=True, out=None):
+    if not left:  # X A = B  <=>  A^T X^T = B^T
+        return _elementary_solve(A.mT, B.mT).mT
+    vector = B.dim() == 1 or (B.dim() == A.dim() - 1 and B.shape == A.shape[:-1])
+    LU, pivots = torch.linalg.lu_factor(A)
+    if vector:
+        return torch.linalg.lu_solve(LU, pivots, B.unsqueeze(-1)).squeeze(-1)
+    return torch.linalg.lu_solve(LU, pivots, B)
+
+
+def _elementary_glu(input, dim=-1):
+    a, b = input.chunk(2, dim=dim)
+    return a * torch.sigmoid(b)
+
+
+# torch 2.13's nested forward-mode derivatives (second derivatives by jvp of jvp) are wrong
+# for these, measured against finite differences of the first derivative: layer_norm 1.1,
+# instance_norm 0.47, det 1.4, slogdet and logdet 1.0, linalg.solve 0.5 (relative); glu has
+# none (NotImplementedError). Their elementary forms (LU factors and lu_solve for the
+# linear algebra) are right to finite-difference accuracy (about 1e-8).
+_ELEMENTARY = {
+    F.layer_norm: _elementary_layer_norm,
+    torch.layer_norm: _elementary_layer_norm,
+    F.instance_norm: _elementary_instance_norm,
+    torch.instance_norm: _torch_instance_norm,
+    torch.linalg.det: _elementary_det,
+    torch.det: _elementary_det,
+    torch.linalg.slogdet: _elementary_slogdet,
+    torch.slogdet: _elementary_slogdet,
+    torch.logdet: _elementary_logdet,
+    torch.linalg.solve: _elementary_solve,
+    F.glu: _elementary_glu,
+}
+
+
+class _ElementaryOps(torch.overrides.TorchFunctionMode):
+    """The operations of :data:`_ELEMENTARY` in elementary operations wherever a decoder
+    calls them (as functions or tensor methods) on the ``torch.func`` path: torch's own
+    forward-mode derivatives of them give wrong second derivatives when nested."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.layer_norm or func is torch.layer_norm:
-            return _elementary_layer_norm(*args, **kwargs)
+        elementary = _ELEMENTARY.get(func)
+        if elementary is None and getattr(func, "__name__", None) in _ELEMENTARY_METHODS:
+            elementary = _ELEMENTARY_METHODS[func.__name__]
+        if elementary is not None:
+            return elementary(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+# Tensor methods: ``A.det()``, ``A.logdet()``, ``A.slogdet()``.
+_ELEMENTARY_METHODS = {"det": _elementary_det, "logdet": _elementary_logdet, "slogdet": _elementary_slogdet}
 
 
 def generic(fn: Callable[[Tensor], Tensor], jet: Jet) -> Jet:
     """The jet of ``fn`` by ``torch.func``: any differentiable callable ``(n, *S) -> (n, *S')``."""
-    with _ElementaryLayerNorm():
+    with _ElementaryOps():
         return _generic(fn, jet)
 
 
@@ -289,7 +380,7 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, jet, params):
 
 
 def _layer_norm(module: nn.LayerNorm, jet, params):
-    """In elementary operations (:class:`_ElementaryLayerNorm`), without ``functional_call``."""
+    """In elementary operations (:class:`_ElementaryOps`), without ``functional_call``."""
     weight, bias = params.get("weight"), params.get("bias")
     return generic(lambda x: _elementary_layer_norm(x, module.normalized_shape, weight, bias, module.eps), jet)
 

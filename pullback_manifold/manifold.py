@@ -395,7 +395,60 @@ class DecoderPullbackMetric(RiemannianMetric):
                 "the decoder's Jacobian is exactly zero at the probe points: its output does not depend "
                 "differentiably on z. Remove .detach(), .item(), rounding or integer casts from the decoder."
             )
+        self._check_second_derivatives(probe)
         self._validated.add(key)
+
+    def _check_second_derivatives(self, probe: Tensor) -> None:
+        """The decoder's second derivative ``d^2 f[u, u]`` at the probe points (float64 only)
+        against central differences of its first derivatives along ``u``.
+
+        Christoffel symbols, the geodesic equation, shooting and transport rest on second
+        derivatives by nested forward-mode autodiff, which torch gets wrong for some
+        operations (see ``jets._ELEMENTARY``, rewritten there) and lacks for others. Flagged
+        only where the differences at two steps agree with each other far better than with
+        autodiff: a kink or fast oscillation inside the stencil makes them disagree instead.
+        """
+        if probe.dtype != torch.float64:
+            return  # float32 differences would resolve only gross errors
+        n, d = probe.shape
+        u = torch.linspace(1.0, 0.3, d, dtype=probe.dtype, device=probe.device)
+        u = (u * torch.tensor([1.0, -1.0], dtype=probe.dtype, device=probe.device).repeat(d)[:d] / u.norm()).expand(n, d)
+        try:
+            second = geometry.embedding_jet(self._embed, probe, u[None], pair=(0, 0)).second.reshape(n, -1)
+        except (DecoderError, TypeError):
+            raise
+        except Exception as err:  # noqa: BLE001 -- torch's missing nested derivative rules, with this context
+            raise DecoderError(
+                f"the decoder's second derivatives cannot be computed by torch.func's nested forward-mode "
+                f"autodiff ({type(err).__name__}: {err}). The geodesic equation needs them: write the "
+                "operation it names in elementary torch operations."
+            ) from err
+        scale = 1 + probe.abs().amax(-1, keepdim=True)
+
+        def difference(h: Tensor) -> Tensor:
+            ahead, behind = (
+                geometry.embedding_jet(self._embed, probe + sign * h * u, u[None]).first[0].reshape(n, -1)
+                for sign in (1, -1)
+            )
+            return (ahead - behind) / (2 * h)
+
+        coarse, fine = difference(1e-3 * scale), difference(5e-4 * scale)
+        extrapolated = (4 * fine - coarse) / 3
+        size = torch.maximum(extrapolated.abs().amax(-1), second.abs().amax(-1))
+        gap, noise = (second - extrapolated).abs().amax(-1), (coarse - fine).abs().amax(-1)
+        wrong = (gap > 1e-4 * size) & (gap > 100 * noise) & torch.isfinite(gap)
+        if wrong.any():
+            i = int(wrong.nonzero()[0, 0])
+            raise DecoderError(
+                f"the decoder's second derivatives by nested forward-mode autodiff are wrong at the probe "
+                f"point {probe[i].tolist()}: d^2f[u, u] is {float(gap[i] / size[i]):.2g} (relative) off the "
+                "central differences of its first derivatives. An operation in the decoder has a wrong "
+                "nested forward-mode derivative in this torch version (this library rewrites those it knows: "
+                "layer_norm, instance_norm, det, slogdet, logdet, linalg.solve, glu), so Christoffel symbols, "
+                "geodesics, exp, shooting and parallel transport would be wrong. Write that operation in "
+                "elementary torch operations (torch.linalg.inv(A) @ b for a solve, mean and rsqrt for a "
+                "normalization)."
+            )
 
     def _check_row_by_row(self, probe: Tensor, out: Tensor) -> None:
         """Each probe point decoded alone must give its row of the batch's output: the
