@@ -73,17 +73,28 @@ _ROUGH_METHODS = {"elu", "celu"}
 # them unrefracted and their speed jumps there: on a 2 -> 16 (ReLU) -> 16 (tanh) -> 10 MLP,
 # shooting "converged" on 6 of 6 pairs with |v|_G 0.31, 1.15, 0.65 where its own curves are
 # 0.36, 0.93, 0.42 long. The energy of a decoded polygon is still the right problem.
+# Max pooling and max/min reductions (maxout) switch between inputs the same way: on
+# f = (z, 0.3 sin 2 z1, 2 max(z2, 0)) written with MaxPool1d, auto "converged" 17-21% short.
 _KINKED_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish,
-    nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.SELU,
+    nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.SELU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.FractionalMaxPool2d,
+    nn.FractionalMaxPool3d,
 )  # fmt: skip
 _KINKED_FUNCTIONS = {
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.hardtanh, F.hardtanh_,
     F.hardsigmoid, F.hardswish, F.hardshrink, F.softshrink, F.threshold, F.threshold_, torch.threshold,
     torch.threshold_, F.selu, F.selu_, torch.selu, torch.selu_, F.prelu, torch.prelu, F.rrelu, F.rrelu_,
-    torch.rrelu, torch.rrelu_,
+    torch.rrelu, torch.rrelu_, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.max_pool1d_with_indices,
+    F.max_pool2d_with_indices, F.max_pool3d_with_indices, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d, F.adaptive_max_pool1d_with_indices, F.adaptive_max_pool2d_with_indices,
+    F.adaptive_max_pool3d_with_indices, F.fractional_max_pool2d, F.fractional_max_pool3d, torch.max_pool1d,
+    torch.max_pool2d, torch.max_pool3d, torch.amax, torch.amin,
 }  # fmt: skip
-_KINKED_METHODS = {"relu", "relu_", "prelu", "hardshrink"}
+_KINKED_METHODS = {"relu", "relu_", "prelu", "hardshrink", "amax", "amin"}
+# torch.max / min and the methods: kinked as reductions (x.max(dim)), not as the elementwise
+# max of two tensors (torch.max(a, b)), counted as a guard like clamp.
+_REDUCING = {torch.max, torch.min, "max", "min"}
 
 
 _ELU = {F.elu, F.elu_, "elu"}
@@ -113,6 +124,9 @@ def _kinked_module(module: nn.Module) -> bool:
 def _kinked_call(node) -> bool:
     if node.op in ("call_function", "call_method") and node.target in _ELU:
         return _elu_alpha(node) != 1.0
+    if node.op in ("call_function", "call_method") and node.target in _REDUCING:
+        other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        return not isinstance(other, torch.fx.Node)
     return (node.op == "call_function" and node.target in _KINKED_FUNCTIONS) or (
         node.op == "call_method" and node.target in _KINKED_METHODS
     )
@@ -172,7 +186,8 @@ def _activations(embed: Embedding, module_test, call_test, source_pattern: re.Pa
 # Activation names in the source of a forward fx cannot trace (a call: the name and a parenthesis).
 _KINKED_SOURCE = re.compile(
     r"\b(relu6?_?|leaky_relu_?|hardtanh_?|hardsigmoid|hardswish|hardshrink|softshrink|threshold_?|selu_?|prelu|rrelu_?"
-    r"|ReLU6?|LeakyReLU|PReLU|RReLU|Hardtanh|Hardsigmoid|Hardswish|Hardshrink|Softshrink|Threshold|SELU)\s*\("
+    r"|ReLU6?|LeakyReLU|PReLU|RReLU|Hardtanh|Hardsigmoid|Hardswish|Hardshrink|Softshrink|Threshold|SELU"
+    r"|(?:adaptive_|fractional_)?max_pool[123]d(?:_with_indices)?|(?:Adaptive|Fractional)?MaxPool[123]d|amax|amin)\s*\("
 )
 _ROUGH_SOURCE = re.compile(r"\b(elu_?|celu_?|softsign|ELU|CELU|Softsign)\s*\(")
 
@@ -197,9 +212,10 @@ def rough_activations(embed: Embedding) -> list[str]:
 def kinked_activations(embed: Embedding) -> list[str]:
     """The activations of a decoder whose first derivative jumps (ReLU, ReLU6, leaky ReLU,
     PReLU, RReLU, hardtanh, hardsigmoid, hardswish, the shrink functions, threshold, SELU,
-    ELU with ``alpha != 1``), as modules or as functions its traced ``forward`` calls; empty
-    for other decoders and for plain callables (whose code is not read). Clamps, ``abs``,
-    ``max`` and ``min`` in a ``forward`` are not counted: they are mostly guards that
+    ELU with ``alpha != 1``), and max pooling and max/min reductions (maxout), as modules
+    or as functions its traced ``forward`` calls; empty for other decoders and for plain
+    callables (whose code is not read). Clamps, ``abs`` and the elementwise ``max`` and
+    ``min`` of two tensors in a ``forward`` are not counted: they are mostly guards that
     rarely switch (a floor on a standard deviation).
 
     Where a unit switches, the metric of such a decoder jumps: geodesics refract there,

@@ -196,6 +196,24 @@ def test_kinked_activations_are_found_in_modules_and_traced_forwards():
     assert kinked_activations(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU())) == ["ReLU (1)"]
     assert kinked_activations(as_decoder(fold)) == []  # a plain function: its code is not read
 
+    class Pooled(torch.nn.Module):  # max pooling and maxout switch like a ReLU (a reviewer's find)
+        def __init__(self):
+            super().__init__()
+            self.inp, self.pool = torch.nn.Linear(2, 8), torch.nn.MaxPool1d(2)
+
+        def forward(self, z):
+            h = self.inp(z)
+            pooled = self.pool(h[:, None])[:, 0] + torch.nn.functional.adaptive_max_pool1d(h[:, None], 2)[:, 0, :1]
+            guard = torch.max(h, torch.zeros_like(h)).clamp_min(1e-3).sum(-1, keepdim=True)  # not counted
+            return torch.cat([pooled, h.amax(-1, keepdim=True), h.max(-1, keepdim=True).values, guard], -1)
+
+    assert sorted(kinked_activations(as_decoder(Pooled()))) == [
+        "MaxPool1d (pool)",
+        "adaptive_max_pool1d (in Pooled.forward)",
+        "amax (in Pooled.forward)",
+        "max (in Pooled.forward)",
+    ]
+
 
 def test_kinked_decoder_is_answered_by_the_energy_method_and_flagged(two_media_pairs):
     """A ReLU followed by smooth layers: the geodesic ODE does not see the metric's jump, so
