@@ -435,6 +435,20 @@ def test_rank_deficient_log_is_flagged_or_gives_the_pseudo_distance():
             m.log(z1, z0)
 
 
+def test_a_log_from_a_point_where_the_metric_vanishes_is_not_claimed():
+    """f(z) = z^3: G(0) = 0, so no tangent vector at 0 has the length 0.027 of the way to
+    0.3 as its norm. The energy method's velocity there came out 0, marked converged, and
+    dist(0, 0.3) was 0 while dist(0.3, 0) was 0.027 (a reviewer's find): now flagged."""
+    space = PullbackManifold(lambda z: z**3, dim=1)
+    zero, point = torch.zeros(1, dtype=F64), torch.full((1,), 0.3, dtype=F64)
+    assert not space.metric.solve_log(point, zero).converged
+    with pytest.warns(ConvergenceWarning, match="dist: 1 of 1 pairs did not converge"):
+        space.metric.dist(zero, point)
+    back = space.metric.solve_log(zero, point)
+    assert back.converged
+    torch.testing.assert_close(space.metric.norm(back.tangent_vec, point), torch.tensor(0.027, dtype=F64), rtol=1e-4, atol=0)
+
+
 def test_christoffels_at_a_singular_point_are_never_silently_finite():
     m = PullbackManifold(rank_one, dim=2).metric
     with pytest.raises(DecoderError, match="singular"):
