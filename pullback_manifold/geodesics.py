@@ -371,7 +371,8 @@ class LogResult:
         network: its geodesic ODE is degenerate), or a decoder with activations
         whose derivative jumps (:func:`~pullback_manifold.logarithm.kinked_activations`:
         its metric jumps where a unit switches, which the geodesic ODE does not
-        see). They are answered by the energy method (under ``"shooting"``, shot),
+        see). They are answered by the energy method (under ``"shooting"``, shot; in
+        latent dimension 1 by every method exactly, as a quadrature),
         and never marked converged: the energy of a nonsmooth problem can stop in
         a local minimum, and its error estimate assumes a smooth curve (the answer
         is a good approximation, typically within 1%, not certified).
