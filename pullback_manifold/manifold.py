@@ -399,22 +399,34 @@ class DecoderPullbackMetric(RiemannianMetric):
         self._validated.add(key)
 
     def _check_second_derivatives(self, probe: Tensor) -> None:
-        """The decoder's second derivative ``d^2 f[u, u]`` at the probe points (float64 only)
-        against central differences of its first derivatives along ``u``.
+        """The decoder's second derivative ``d^2 f[u, u]`` at the probe points by nested
+        forward mode (what the geometry uses), checked in float64.
 
         Christoffel symbols, the geodesic equation, shooting and transport rest on second
         derivatives by nested forward-mode autodiff, which torch gets wrong for some
-        operations (see ``jets._ELEMENTARY``, rewritten there) and lacks for others. Flagged
-        only where the differences at two steps agree with each other far better than with
-        autodiff: a kink or fast oscillation inside the stencil makes them disagree instead.
+        operations (see ``jets._ELEMENTARY``, rewritten there) and lacks for others. Wrong
+        means: off the central differences of the first derivatives (Richardson-extrapolated
+        from two steps that agree with each other far better), while the second derivative
+        is continuous there (not so where a unit's second derivative jumps at the probe
+        point: ELU at 0, where the differences average the two sides) and reverse mode,
+        where it exists, disagrees too (not so where saturated outputs make the first
+        derivatives too coarse to difference: sigmoid at logits ~30). Reverse mode alone is
+        no reference: torch's higher-order backward of ``layer_norm`` is wrong as well.
         """
         if probe.dtype != torch.float64:
-            return  # float32 differences would resolve only gross errors
+            return
         n, d = probe.shape
         u = torch.linspace(1.0, 0.3, d, dtype=probe.dtype, device=probe.device)
         u = (u * torch.tensor([1.0, -1.0], dtype=probe.dtype, device=probe.device).repeat(d)[:d] / u.norm()).expand(n, d)
+
+        def second(at: Tensor) -> Tensor:
+            return geometry.embedding_jet(self._embed, at, u[None], pair=(0, 0)).second.reshape(n, -1)
+
+        def first(at: Tensor) -> Tensor:
+            return geometry.embedding_jet(self._embed, at, u[None]).first[0].reshape(n, -1)
+
         try:
-            second = geometry.embedding_jet(self._embed, probe, u[None], pair=(0, 0)).second.reshape(n, -1)
+            forward = second(probe)
         except (DecoderError, TypeError):
             raise
         except Exception as err:  # noqa: BLE001 -- torch's missing nested derivative rules, with this context
@@ -423,20 +435,19 @@ class DecoderPullbackMetric(RiemannianMetric):
                 f"autodiff ({type(err).__name__}: {err}). The geodesic equation needs them: write the "
                 "operation it names in elementary torch operations."
             ) from err
-        scale = 1 + probe.abs().amax(-1, keepdim=True)
-
-        def difference(h: Tensor) -> Tensor:
-            ahead, behind = (
-                geometry.embedding_jet(self._embed, probe + sign * h * u, u[None]).first[0].reshape(n, -1)
-                for sign in (1, -1)
-            )
-            return (ahead - behind) / (2 * h)
-
-        coarse, fine = difference(1e-3 * scale), difference(5e-4 * scale)
+        h = 5e-4 * (1 + probe.abs().amax(-1, keepdim=True))
+        coarse = (first(probe + 2 * h * u) - first(probe - 2 * h * u)) / (4 * h)
+        fine = (first(probe + h * u) - first(probe - h * u)) / (2 * h)
         extrapolated = (4 * fine - coarse) / 3
-        size = torch.maximum(extrapolated.abs().amax(-1), second.abs().amax(-1))
-        gap, noise = (second - extrapolated).abs().amax(-1), (coarse - fine).abs().amax(-1)
-        wrong = (gap > 1e-4 * size) & (gap > 100 * noise) & torch.isfinite(gap)
+        size = torch.maximum(extrapolated.abs().amax(-1), forward.abs().amax(-1))
+        gap = (forward - extrapolated).abs().amax(-1)
+        noise = (coarse - fine).abs().amax(-1)
+        jump = (second(probe + h * u) - second(probe - h * u)).abs().amax(-1)
+        wrong = (gap > 1e-4 * size) & (gap > 100 * noise) & (gap > 10 * jump) & torch.isfinite(gap)
+        if wrong.any():
+            reverse = _reverse_second_derivative(self._embed, probe, u)
+            if reverse is not None:
+                wrong &= (forward - reverse).abs().amax(-1) > 1e-6 * size
         if wrong.any():
             i = int(wrong.nonzero()[0, 0])
             raise DecoderError(
@@ -1305,6 +1316,25 @@ def _path_times(t, like: Tensor) -> Tensor:
     if not torch.isfinite(times).all():
         raise ValueError(f"path(t): t contains NaN or Inf ({times.tolist()[:8]}): pass finite times")
     return times
+
+
+def _reverse_second_derivative(embed, z: Tensor, u: Tensor) -> Tensor | None:
+    """``d^2 f[u, u]`` ``(n, D)`` at points ``z`` ``(n, d)`` by reverse mode only (Jacobian-vector
+    products by the double-backward trick); None where an operation has no double backward."""
+    try:
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            out = embed(z).reshape(len(z), -1)
+
+            def along_u(y: Tensor) -> Tensor:  # (dy/dz) u, differentiable in z
+                w = torch.zeros_like(y, requires_grad=True)
+                (pulled,) = torch.autograd.grad(y, z, w, create_graph=True)
+                (pushed,) = torch.autograd.grad((pulled * u).sum(), w, create_graph=True)
+                return pushed
+
+            return along_u(along_u(out)).detach()
+    except RuntimeError:
+        return None
 
 
 def _sqrt_with_zero_subgradient(squared: Tensor) -> Tensor:

@@ -433,3 +433,18 @@ def test_wrong_second_derivatives_are_caught_by_the_probe(monkeypatch):
     relu = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3)).double()
     on_kink = torch.tensor([[0.0, 0.0]], dtype=F64) - relu[0].bias[:1, None].detach() / relu[0].weight[:1].detach()
     PullbackManifold(relu, dim=2).metric.metric_matrix(torch.cat([on_kink, z[:1]]))
+    # Nor are jumps of the second derivative at the probe point (ELU with zero biases at the
+    # origin, where central differences average the two sides), nor saturated outputs whose
+    # first derivatives are too coarse to difference (a reviewer's finds: both were refused).
+    torch.manual_seed(0)
+    elu = nn.Sequential(nn.Linear(2, 32), nn.ELU(), nn.Linear(32, 32), nn.ELU(), nn.Linear(32, 10)).double()
+    for layer in (elu[0], elu[2], elu[4]):
+        nn.init.zeros_(layer.bias)
+    PullbackManifold(elu, dim=2).metric.metric_matrix(torch.tensor([[0.0, 0.0], [1e-6, 2e-6]], dtype=F64))
+    saturated = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3), nn.Sigmoid()).double()
+    with torch.no_grad():
+        saturated[2].weight.mul_(30)
+        saturated[2].bias.fill_(30)
+    points = 1.5 * torch.randn(40, 2, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    for probe in points:  # 16 of these 40 pairs were refused
+        PullbackManifold(saturated, dim=2).metric.metric_matrix(probe)
