@@ -152,21 +152,53 @@ def _torch_instance_norm(input, weight, bias, running_mean, running_var, use_inp
 
 
 def _lu_parts(A: Tensor) -> tuple[Tensor, Tensor]:
-    """Diagonal of ``U`` and the permutation's sign, of ``A = P L U``."""
-    LU, pivots = torch.linalg.lu_factor(A)
+    """Diagonal of ``U`` and the permutation's sign, of ``A = P L U`` (a zero on the
+    diagonal for a singular ``A``, whose determinant is then 0, as torch's)."""
+    LU, pivots, _ = torch.linalg.lu_factor_ex(A)
     steps = torch.arange(1, A.shape[-1] + 1, device=A.device, dtype=pivots.dtype)
     swaps = (pivots != steps).sum(-1)
     return LU.diagonal(dim1=-2, dim2=-1), 1 - 2 * (swaps % 2).to(A.dtype)
 
 
+def _small_det(A: Tensor) -> Tensor | None:
+    """The determinant of a 1 x 1, 2 x 2 or 3 x 3 ``A`` as its polynomial: smooth at singular
+    matrices too, where the derivatives of LU factors are not."""
+    n = A.shape[-1]
+    if n == 1:
+        return A[..., 0, 0]
+    if n == 2:
+        return A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0]
+    if n == 3:
+        a, b, c = A[..., 0, :].unbind(-1)
+        cofactors = torch.linalg.cross(A[..., 1, :], A[..., 2, :], dim=-1)
+        return a * cofactors[..., 0] + b * cofactors[..., 1] + c * cofactors[..., 2]
+    return None
+
+
 def _elementary_det(A, *, out=None):
+    if out is not None:  # not differentiated through anyway; torch's own, into the buffer
+        return torch.linalg.det(A, out=out)
+    small = _small_det(A)
+    if small is not None:
+        return small
     diagonal, sign = _lu_parts(A)
     return sign * diagonal.prod(-1)
 
 
-def _elementary_slogdet(A, *, out=None):
+def _elementary_slogdet(A, *, out=None, kind=torch.return_types.slogdet):
+    if out is not None:
+        return torch.slogdet(A, out=out)
+    small = _small_det(A)
+    if small is not None:
+        return kind((small.sign(), small.abs().log()))
     diagonal, sign = _lu_parts(A)
-    return torch.return_types.slogdet((sign * diagonal.sign().prod(-1), diagonal.abs().log().sum(-1)))
+    return kind((sign * diagonal.sign().prod(-1), diagonal.abs().log().sum(-1)))
+
+
+def _elementary_linalg_slogdet(A, *, out=None):
+    if out is not None:
+        return torch.linalg.slogdet(A, out=out)
+    return _elementary_slogdet(A, kind=torch.return_types.linalg_slogdet)
 
 
 def _elementary_logdet(A):
@@ -176,6 +208,8 @@ def _elementary_logdet(A):
 
 
 def _elementary_solve(A, B, *, left=True, out=None):
+    if out is not None:
+        return torch.linalg.solve(A, B, left=left, out=out)
     if not left:  # X A = B  <=>  A^T X^T = B^T
         return _elementary_solve(A.mT, B.mT).mT
     vector = B.dim() == 1 or (B.dim() == A.dim() - 1 and B.shape == A.shape[:-1])
@@ -183,6 +217,14 @@ def _elementary_solve(A, B, *, left=True, out=None):
     if vector:
         return torch.linalg.lu_solve(LU, pivots, B.unsqueeze(-1)).squeeze(-1)
     return torch.linalg.lu_solve(LU, pivots, B)
+
+
+def _elementary_solve_ex(A, B, *, left=True, check_errors=False, out=None):
+    if out is not None:
+        return torch.linalg.solve_ex(A, B, left=left, check_errors=check_errors, out=out)
+    result = _elementary_solve(A, B, left=left)
+    info = torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
+    return torch.return_types.linalg_solve_ex((result, info))
 
 
 def _elementary_glu(input, dim=-1):
@@ -202,10 +244,11 @@ _ELEMENTARY = {
     torch.instance_norm: _torch_instance_norm,
     torch.linalg.det: _elementary_det,
     torch.det: _elementary_det,
-    torch.linalg.slogdet: _elementary_slogdet,
+    torch.linalg.slogdet: _elementary_linalg_slogdet,
     torch.slogdet: _elementary_slogdet,
     torch.logdet: _elementary_logdet,
     torch.linalg.solve: _elementary_solve,
+    torch.linalg.solve_ex: _elementary_solve_ex,
     F.glu: _elementary_glu,
 }
 
