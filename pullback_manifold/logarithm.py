@@ -236,9 +236,9 @@ def kinked_activations(embed: Embedding) -> list[str]:
 def piecewise_linear_pairs(embed: Embedding, point: Tensor, base_point: Tensor) -> Tensor:
     """Pairs whose geodesic ODE is degenerate: a ReLU-like decoder along their chord.
 
-    A pair is flagged when the decoder's second derivative along the chord
-    ``u = point - base_point`` is exactly zero at both ends and the midpoint,
-    while its Jacobian differs between them: the decoder is piecewise linear
+    A pair is flagged when the decoder's second derivatives (all of its Hessian)
+    are exactly zero at both ends of the chord and its midpoint, while its
+    Jacobian differs between them: the decoder is piecewise linear
     there, so the ODE's geodesics are straight lines although the metric
     changes (they are not the shortest curves). A linear decoder (same Jacobian
     everywhere) is not flagged: its straight lines are the geodesics.
@@ -255,11 +255,12 @@ def piecewise_linear_pairs(embed: Embedding, point: Tensor, base_point: Tensor) 
     n, d = point.shape
     if isinstance(embed, MetricDecoder) or n == 0:
         return torch.zeros(n, dtype=torch.bool, device=point.device)
-    u = point - base_point
     z = torch.cat([base_point, 0.5 * (base_point + point), point])
-    directions = torch.cat([_basis(z), u.repeat(3, 1)[None]])
-    jet = embedding_jet(embed, z, directions, pair=(d, d))
-    flat = (jet.second.reshape(3, n, -1) == 0).all(-1).all(0)
+    # The whole Hessian, not only along the chord: a bilinear decoder (z0 z1) is linear along
+    # an axis-aligned chord, and was flagged piecewise linear there (never converged).
+    pairs = tuple(torch.triu_indices(d, d, device=point.device))
+    jet = embedding_jet(embed, z, _basis(z), pair=pairs)
+    flat = (jet.second.reshape(len(pairs[0]), 3, n, -1) == 0).all(-1).all(0).all(0)
     J = jet.first[:d].permute(1, 2, 0).reshape(3, n, -1)
     varies = ((J - J[:1]).abs() > 1e-6 * J.abs().amax(-1, keepdim=True).clamp_min(1e-300)).any(-1).any(0)
     return flat & varies

@@ -74,6 +74,23 @@ def test_relu_decoder_is_approximated_by_the_energy_method_and_flagged(fold_pair
         space.metric.log(b, a)
 
 
+def test_a_decoder_linear_along_a_chord_is_not_piecewise_linear():
+    """f = (z, z0 z1) is linear along an axis-aligned chord, but its Hessian is not zero: the
+    detector read only the second derivative along the chord and flagged such a pair
+    piecewise linear, never converged (its log is exact by shooting)."""
+    from pullback_manifold.logarithm import piecewise_linear_pairs
+
+    space = PullbackManifold(lambda z: torch.cat([z, z[:, :1] * z[:, 1:]], -1), dim=2)
+    a = torch.tensor([[-0.5, 1.0], [0.2, 0.3]], dtype=F64)
+    b = torch.tensor([[0.5, 1.0], [0.9, -0.4]], dtype=F64)
+    assert not piecewise_linear_pairs(space.metric._embed, b, a).any()
+    report = space.metric.solve_log(b, a)
+    assert report.all_converged and not report.nonsmooth.any()
+    torch.manual_seed(0)
+    relu = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).double()
+    assert piecewise_linear_pairs(PullbackManifold(relu, dim=2).metric._embed, b, a).all()
+
+
 def test_shooting_does_not_claim_the_straight_line_on_a_relu_decoder(fold_pairs):
     a, b = fold_pairs
     report = PullbackManifold(fold, dim=2, log_method="shooting").metric.solve_log(b, a)
