@@ -237,7 +237,7 @@ def piecewise_linear_pairs(embed: Embedding, point: Tensor, base_point: Tensor) 
     """Pairs whose geodesic ODE is degenerate: a ReLU-like decoder along their chord.
 
     A pair is flagged when the decoder's second derivatives (along two fixed
-    random directions: zero for almost no nonzero Hessian) are exactly zero at
+    generic directions: zero for almost no nonzero Hessian) are exactly zero at
     both ends of the chord and its midpoint, while its
     Jacobian differs between them: the decoder is piecewise linear
     there, so the ODE's geodesics are straight lines although the metric
@@ -259,10 +259,11 @@ def piecewise_linear_pairs(embed: Embedding, point: Tensor, base_point: Tensor) 
     z = torch.cat([base_point, 0.5 * (base_point + point), point])
     # The Hessian, not only along the chord: a bilinear decoder (z0 z1) is linear along an
     # axis-aligned chord, and was flagged piecewise linear there (never converged). Along two
-    # fixed random directions r, s, d^2 f[r, r] and d^2 f[r, s] vanish for almost no nonzero
-    # Hessian, at the cost of 2 second derivatives, not d (d + 1) / 2.
-    generator = torch.Generator().manual_seed(0)
-    random = torch.randn(2, 1, d, generator=generator, dtype=torch.float64).to(point)
+    # fixed generic directions r, s (no coordinate structure: golden-angle phases),
+    # d^2 f[r, r] and d^2 f[r, s] vanish for almost no nonzero Hessian, at the cost of 2
+    # second derivatives, not d (d + 1) / 2.
+    steps = torch.arange(1, d + 1, dtype=point.dtype, device=point.device)
+    random = torch.stack([torch.cos(2.399963 * steps), torch.sin(1.618034 * steps + 0.5)])[:, None]  # (2, 1, d)
     directions = torch.cat([_basis(z), random.expand(2, 3 * n, d)])
     pairs = (torch.tensor([d, d], device=point.device), torch.tensor([d, d + 1], device=point.device))
     jet = embedding_jet(embed, z, directions, pair=pairs)
