@@ -415,7 +415,7 @@ def _log_on_a_line(
     chord = (point - base_point)[:, 0]
 
     def integrals(owner: Tensor, left: Tensor, width: Tensor) -> Tensor:
-        """Gauss-Legendre integrals of the speed over panels ``[left, left + width]`` of the
+        """Gauss-Lobatto integrals of the speed over panels ``[left, left + width]`` of the
         unit interval of their pairs ``owner``: ``(m,)``."""
         t = left[:, None] + width[:, None] * nodes  # (m, 5)
         z = base_point[owner, None, 0] + t * chord[owner, None]
