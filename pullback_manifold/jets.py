@@ -208,11 +208,12 @@ def _elementary_logdet(A):
 
 
 def _elementary_solve(A, B, *, left=True, out=None):
-    if out is not None:
+    vector = B.dim() == 1 or (B.dim() == A.dim() - 1 and B.shape == A.shape[:-1])
+    if out is not None or (not left and vector):
+        # torch's own: into the buffer; and its error for a vector right-hand side of XA = B
         return torch.linalg.solve(A, B, left=left, out=out)
     if not left:  # X A = B  <=>  A^T X^T = B^T
         return _elementary_solve(A.mT, B.mT).mT
-    vector = B.dim() == 1 or (B.dim() == A.dim() - 1 and B.shape == A.shape[:-1])
     LU, pivots = torch.linalg.lu_factor(A)
     if vector:
         return torch.linalg.lu_solve(LU, pivots, B.unsqueeze(-1)).squeeze(-1)
