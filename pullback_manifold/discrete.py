@@ -1231,9 +1231,9 @@ def energy_log(
         ok[rows] = True  # not the polygons' answer: their optimizer's state says nothing here
     tangent_vec = torch.where(same[:, None], torch.zeros_like(point), velocity)
     # Where G is singular at the base point along the geodesic's direction (f(z) = z^3 at 0),
-    # no tangent vector there has the length as its norm: the velocity came out 0, and `dist`,
-    # its norm, 0 while the length was certified.
-    represented = same | (metric_norm(embed, base_point, tangent_vec) >= 0.5 * length)
+    # no tangent vector there has the length as its norm: scaled_to_length left the velocity
+    # 0, and `dist`, its norm, 0 while the length was certified.
+    represented = same | (length == 0) | (tangent_vec != 0).any(-1)
     converged = ok & represented & torch.isfinite(error) & (error <= rtol) & torch.isfinite(tangent_vec).all(-1)
     if not smooth:
         # Piecewise-smooth energy: the optimizer can stop in a local minimum that the
