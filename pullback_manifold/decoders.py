@@ -549,9 +549,19 @@ class GaussianDecoder(Decoder):
         pair ``(mean, std)`` of tensors of the same shape.
     std : callable or nn.Module, optional
         ``(n, d) -> (n, *out)``, the standard deviation (not the variance).
+
+    Neither may be a :class:`MetricDecoder` (e.g. a Gaussian process): its
+    metric is not a pull-back through its outputs.
     """
 
     def __init__(self, mean: Callable, std: Callable | None = None):
+        for name, part in (("mean", mean), ("std", std)):
+            # Called for its outputs (the posterior mean), its covariance term would be lost, silently.
+            if isinstance(part, MetricDecoder):
+                raise TypeError(
+                    f"GaussianDecoder's {name} is a {type(part).__name__}, which gives its (expected) metric "
+                    "directly, not as a pull-back through its outputs. Give it to PullbackManifold on its own."
+                )
         self._mean = _TorchFunction(mean, "mean")
         self._std = None if std is None else _TorchFunction(std, "std")
 

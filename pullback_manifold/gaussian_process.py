@@ -113,7 +113,10 @@ class GaussianProcessDecoder(MetricDecoder):
     inputs : Tensor, shape=[n, d]
         Latent inputs ``X`` (e.g. GP-LVM latent points, or a VAE's codes).
     outputs : Tensor, shape=[n, *out]
-        Observations ``Y``; flattened to ``(n, D)``.
+        Observations ``Y``; flattened to ``(n, D)``. The prior mean of each
+        output is the data mean of its column (``outputs.mean(0)``, in
+        ``output_mean``), not zero: the posterior mean is
+        ``m + k(z, X) K^{-1} (Y - m)``.
     lengthscale : float or Tensor, shape=[] or [d]
         Kernel length scale(s) ``l`` (a vector of ``d`` for ARD).
     signal_variance : float

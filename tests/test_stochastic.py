@@ -505,3 +505,19 @@ def test_train_vae_and_fit_rbf_precision_check_their_data():
     codes = torch.randn(10, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="expected 10 rows"):
         fit_rbf_precision(codes, residuals=torch.randn(20, 3, dtype=torch.float64))
+
+
+def test_gaussian_decoder_refuses_a_gaussian_process_part(gp):
+    # Through its outputs (the posterior mean) the GP's covariance term would be dropped.
+    with pytest.raises(TypeError, match="mean is a GaussianProcessDecoder"):
+        GaussianDecoder(gp, lambda z: 0.1 + 0 * z)
+    with pytest.raises(TypeError, match="std is a GaussianProcessDecoder"):
+        GaussianDecoder(tanh_mlp(2, 4), gp)
+
+
+def test_gp_prior_mean_is_the_data_mean(gp):
+    # As documented: far from the data (here some 40 length scales) the posterior mean is the column mean,
+    # not zero.
+    far = torch.full((1, 2), 60.0, dtype=F64)
+    assert torch.allclose(gp.embed(far)[0], gp.outputs.mean(0), atol=1e-12)
+    assert torch.allclose(gp.output_mean, gp.outputs.mean(0))
