@@ -84,6 +84,22 @@ class _ModuleMethod(nn.Module):
         return getattr(self.owner, self.method)(z)
 
 
+class _FunctionModule(nn.Module):
+    """A plain callable as a module without parameters, whose ``forward`` calls it: its
+    body is then traced (:mod:`~pullback_manifold.traced`) and read for kinks like a
+    custom ``forward``, rather than differentiated by ``torch.func``'s nested forward mode
+    (measured on the sphere's stereographic chart, 5 logs: 2.0 s against 0.33 s for the
+    same chart as a module). Only for derivatives: the callable itself is called as it is
+    (its tensors are not cast)."""
+
+    def __init__(self, function: Callable):
+        super().__init__()
+        self.function = function
+
+    def forward(self, z: Tensor):
+        return self.function(z)
+
+
 def _as_module(fn: Callable) -> Callable:
     """``fn`` itself, or a :class:`_ModuleMethod` for a method bound to an ``nn.Module``."""
     owner = getattr(fn, "__self__", None)
@@ -109,6 +125,8 @@ class _TorchFunction:
         if not callable(fn):
             raise TypeError(f"{name} must be a torch callable or nn.Module, got {type(fn).__name__}")
         self.fn = _as_module(fn)
+        # A plain callable: traced for its derivatives (no parameters: nothing to cast).
+        self.traceable = None if isinstance(self.fn, nn.Module) else _FunctionModule(self.fn)
         self.name = name
         self._cache: dict = {}
         self._derived: dict = {}  # matrices made from a widening output layer's cast weight
@@ -161,6 +179,8 @@ class _TorchFunction:
                         self._derived.pop(key, None)
                 self._state(dtype, device)
                 traced.new_epoch()  # a traced forward's values are checked again (writes through .data)
+        else:
+            traced.new_epoch()  # a traced function's too (its globals and closures may have changed)
 
     def _copies_current(self, state: dict[str, Tensor], sources: dict[str, Tensor]) -> bool:
         """Whether the copies ``state`` were made from the module's tensors as they are now
@@ -193,16 +213,20 @@ class _TorchFunction:
             state = self._state(jet.value.dtype, jet.value.device)
             with _eval_mode(self.fn):
                 return module_jet(self.fn, state, jet)
-        return generic(self.fn, jet)
+        out = traced.traced_jet(self.traceable, {}, jet)
+        return out if isinstance(out, Jet) else generic(self.fn, jet)
 
     def pair_jet(self, jet: Jet) -> tuple[Jet, Jet] | None:
         """The jets of a module returning a pair ``(mean, std)``, through its traced
-        ``forward``; None for a plain callable or a module that cannot be traced."""
-        if not isinstance(self.fn, nn.Module) or jets.has_rule(self.fn):
+        ``forward`` (or body, for a plain callable); None where it cannot be traced."""
+        if not isinstance(self.fn, nn.Module):
+            out = traced.traced_jet(self.traceable, {}, jet)
+        elif jets.has_rule(self.fn):
             return None
-        state = self._state(jet.value.dtype, jet.value.device)
-        with _eval_mode(self.fn):
-            out = traced.traced_jet(self.fn, state, jet)
+        else:
+            state = self._state(jet.value.dtype, jet.value.device)
+            with _eval_mode(self.fn):
+                out = traced.traced_jet(self.fn, state, jet)
         return out if isinstance(out, tuple) and len(out) == 2 else None
 
     def gram(self, jet: Jet) -> Tensor:

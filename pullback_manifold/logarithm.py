@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import traced
-from .decoders import MetricDecoder
+from .decoders import MetricDecoder, _FunctionModule
 from .discrete import energy_log
 from .geodesics import DEFAULT_HALVINGS, LogResult, ODEOptions, _default_log_tol, exp, shooting_log
 from .geometry import Embedding, _basis, embedding_jet, energy_embedding, metric_matrix
@@ -151,11 +151,19 @@ def _source_calls(module: nn.Module, pattern: re.Pattern) -> list[str]:
     trace (``if z.dim() == 1``, ``assert``): read as text rather than not at all."""
     if type(module).__module__.startswith("torch.nn") or traced.traced_graph(module, make=True) is not None:
         return []
+    function = getattr(module, "function", None) if isinstance(module, _FunctionModule) else None
     try:
-        source = inspect.getsource(type(module).forward)
+        source = inspect.getsource(type(module).forward if function is None else function)
     except (OSError, TypeError):
         return []
-    return [f"{name} (in {type(module).__name__}.forward, its source)" for name in pattern.findall(source)]
+    return [f"{name} (in {_body_name(module)}, its source)" for name in pattern.findall(source)]
+
+
+def _body_name(module: nn.Module) -> str:
+    """What runs a module's traced calls: ``Class.forward``, or a plain callable's name."""
+    if isinstance(module, _FunctionModule):
+        return getattr(module.function, "__name__", type(module.function).__name__)
+    return f"{type(module).__name__}.forward"
 
 
 def _activations(embed: Embedding, module_test, call_test, source_pattern: re.Pattern) -> list[str]:
@@ -164,7 +172,8 @@ def _activations(embed: Embedding, module_test, call_test, source_pattern: re.Pa
     where a ``forward`` cannot be traced, of the names ``source_pattern`` finds in its source."""
     functions = getattr(embed, "_functions", None)
     if callable(functions):
-        roots = [getattr(fn, "fn", None) for fn in functions()]
+        # A plain callable as the module that traces its body (it has no submodules).
+        roots = [fn.fn if getattr(fn, "traceable", None) is None else fn.traceable for fn in functions()]
     else:
         roots = [embed]  # a module passed as it is
     found: list[str] = []
@@ -178,7 +187,7 @@ def _activations(embed: Embedding, module_test, call_test, source_pattern: re.Pa
             graph = traced.traced_graph(child, make=True)
             for node in [] if graph is None else graph.nodes:
                 if call_test(node):
-                    found.append(f"{getattr(node.target, '__name__', node.target)} (in {type(child).__name__}.forward)")
+                    found.append(f"{getattr(node.target, '__name__', node.target)} (in {_body_name(child)})")
             found += _source_calls(child, source_pattern)
     return found
 
@@ -195,8 +204,7 @@ _ROUGH_SOURCE = re.compile(r"\b(elu_?|celu_?|softsign|ELU|CELU|Softsign)\s*\(")
 def rough_activations(embed: Embedding) -> list[str]:
     """The activations of a decoder that are once but not twice continuously differentiable
     (ELU with ``alpha = 1``, CELU, softsign), as modules or as functions its traced
-    ``forward`` calls; empty for other decoders and for plain callables (whose code is not
-    read).
+    ``forward`` (or a plain callable's traced body) calls; empty for other decoders.
 
     Parameters
     ----------
@@ -213,8 +221,8 @@ def kinked_activations(embed: Embedding) -> list[str]:
     """The activations of a decoder whose first derivative jumps (ReLU, ReLU6, leaky ReLU,
     PReLU, RReLU, hardtanh, hardsigmoid, hardswish, the shrink functions, threshold, SELU,
     ELU with ``alpha != 1``), and max pooling and max/min reductions (maxout), as modules
-    or as functions its traced ``forward`` calls; empty for other decoders and for plain
-    callables (whose code is not read). Clamps, ``abs`` and the elementwise ``max`` and
+    or as functions its traced ``forward`` (or a plain callable's traced body) calls; empty
+    for other decoders. Clamps, ``abs`` and the elementwise ``max`` and
     ``min`` of two tensors in a ``forward`` are not counted: they are mostly guards that
     rarely switch (a floor on a standard deviation).
 

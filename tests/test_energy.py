@@ -20,6 +20,12 @@ def fold(z):
     return torch.stack([z[:, 0], z[:, 1], SLOPE * torch.relu(z[:, 0])], dim=-1)
 
 
+def crease(z):
+    """The same fold through a clamp, which the reading of the decoder's code does not count as
+    a kink (clamps are mostly guards): only its derivatives along each chord say so."""
+    return torch.stack([z[:, 0], z[:, 1], SLOPE * z[:, 0].clamp_min(0)], dim=-1)
+
+
 def fold_distance(a, b):
     """Closed form: unfold the right half-plane (x -> STRETCH x); the geodesic is a straight line there."""
 
@@ -54,7 +60,13 @@ def test_energy_method_distances_are_great_circles():
 def test_relu_decoder_is_approximated_by_the_energy_method_and_flagged(fold_pairs):
     a, b = fold_pairs
     truth = fold_distance(a, b)
-    space = PullbackManifold(fold, dim=2)
+    # The ReLU in the function's code marks every pair nonsmooth, the last (on one side) too.
+    relu = PullbackManifold(fold, dim=2, on_failure="ignore").metric.solve_log(b, a)
+    assert relu.from_energy.all() and relu.nonsmooth.all() and not relu.converged.any()
+    relu_length = PullbackManifold(fold, dim=2).metric.norm(relu.tangent_vec, a)
+    assert ((relu_length - truth).abs() / truth)[3] < 1e-12
+    # A kink the code does not show: each pair's chord is tested.
+    space = PullbackManifold(crease, dim=2)
     report = space.metric.solve_log(b, a)
     assert report.from_energy.tolist() == [True, True, True, False]  # the last pair stays on one side
     assert report.nonsmooth.tolist() == [True, True, True, False]
@@ -93,13 +105,15 @@ def test_a_decoder_linear_along_a_chord_is_not_piecewise_linear():
 
 def test_shooting_does_not_claim_the_straight_line_on_a_relu_decoder(fold_pairs):
     a, b = fold_pairs
-    report = PullbackManifold(fold, dim=2, log_method="shooting").metric.solve_log(b, a)
+    report = PullbackManifold(crease, dim=2, log_method="shooting").metric.solve_log(b, a)
     assert report.converged.tolist() == [False, False, False, True]
+    report = PullbackManifold(fold, dim=2, log_method="shooting", on_failure="ignore").metric.solve_log(b, a)
+    assert not report.converged.any() and report.nonsmooth.all()  # a ReLU in the code: a kink anywhere
 
 
 def test_relu_geodesic_path_is_the_unfolded_straight_line(fold_pairs):
     a, b = fold_pairs
-    space = PullbackManifold(fold, dim=2)
+    space = PullbackManifold(crease, dim=2)
     t = torch.linspace(0, 1, 41, dtype=F64)
     with pytest.warns(ConvergenceWarning, match="piecewise linear"):
         path = space.metric.geodesic(initial_point=a[0], end_point=b[0])(t)
@@ -211,7 +225,9 @@ def test_kinked_activations_are_found_in_modules_and_traced_forwards():
 
     assert kinked_activations(as_decoder(VAE().decode)) == []
     assert kinked_activations(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU())) == ["ReLU (1)"]
-    assert kinked_activations(as_decoder(fold)) == []  # a plain function: its code is not read
+    # A plain function: its body is traced like a forward (or its source read).
+    assert kinked_activations(as_decoder(fold)) == ["relu (in fold)"]
+    assert kinked_activations(as_decoder(crease)) == []  # a clamp: not counted
 
     class Pooled(torch.nn.Module):  # max pooling and maxout switch like a ReLU (a reviewer's find)
         def __init__(self):

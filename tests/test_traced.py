@@ -7,6 +7,7 @@ from test_jets import _check
 from torch import nn
 
 from pullback_manifold import GaussianDecoder, PullbackManifold, traced
+from pullback_manifold import decoders as decoders_module
 from pullback_manifold import jets as jets_module
 from pullback_manifold.decoders import as_decoder
 from pullback_manifold.geometry import embedding_jet
@@ -831,3 +832,36 @@ def test_a_config_object_or_global_read_by_forward_is_not_frozen_in_the_trace():
         torch.testing.assert_close(space.metric.dist(z[:2], z[2:]), PullbackManifold(net, dim=3).metric.dist(z[:2], z[2:]))
         assert traced._GRAPHS[net].graph is not None
     GLOBAL_SHIFT[0] = 0.0
+
+
+# ------------------------------------------------------------------ plain functions
+def test_a_plain_function_is_traced_and_follows_its_globals_and_closures(monkeypatch):
+    """Its body is traced like a forward (nothing reaches torch.func); a closed-over tensor
+    rebound, or updated in place, between public calls is followed (by a new trace, or, where
+    the trace may alias as here -- z used after z @ W -- by torch.func from then on)."""
+    torch.manual_seed(0)
+    weights = {"inner": torch.randn(8, 3, dtype=F64), "outer": torch.randn(5, 8, dtype=F64)}
+
+    def decoder(z):
+        return torch.tanh(z @ weights["inner"].T) @ weights["outer"].T + 0.1 * z[:, :1] ** 3
+
+    z = torch.randn(4, 3, dtype=F64)
+    space = PullbackManifold(decoder, dim=3)
+    for change in (None, "rebind", "in place"):
+        if change == "rebind":
+            weights["inner"] = 2 * weights["inner"]
+        elif change == "in place":
+            weights["outer"].mul_(-0.5)
+        if change is None:
+            monkeypatch.setattr(decoders_module, "generic", _refuse)
+        else:
+            monkeypatch.undo()
+        J = torch.func.vmap(torch.func.jacfwd(lambda x: decoder(x[None])[0]))(z)
+        torch.testing.assert_close(space.metric.metric_matrix(z), J.transpose(-1, -2) @ J, rtol=1e-12, atol=1e-14)
+        v = z.flip(0)
+        # -G^{-1} J^T d^2f[v, v], by torch.func on the function itself
+        second = torch.func.vmap(
+            lambda x, u: torch.func.jvp(lambda y: torch.func.jvp(lambda w: decoder(w[None])[0], (y,), (u,))[1], (x,), (u,))[1]
+        )(z, v)
+        expected = -torch.linalg.solve(J.transpose(-1, -2) @ J, (J.transpose(-1, -2) @ second[..., None]))[..., 0]
+        torch.testing.assert_close(space.metric.geodesic_acceleration(z, v), expected, rtol=1e-10, atol=1e-12)
