@@ -146,6 +146,13 @@ class _TorchFunction:
             key = tuple((id(t), t._version) for _, t in named)
             if cached is not None and cached[0] == key:
                 return cached[1]
+            meta = [name for name, t in named if t.is_meta]
+            if meta:
+                raise DecoderError(
+                    f"{self.name}'s parameters or buffers are on the meta device, with no values ({', '.join(meta[:3])}"
+                    f"{', ...' if len(meta) > 3 else ''}): materialize the module first (module.to_empty(device=...) "
+                    "and load_state_dict, or build it on a real device)"
+                )
             copies: dict[int, Tensor] = {}
             for _, t in named:
                 if id(t) not in copies:
@@ -507,8 +514,14 @@ def _flatten_output(out, z: Tensor, name: str) -> Tensor:
             f"{name} returned shape {tuple(out.shape)} for input {tuple(z.shape)}: expected "
             f"{tuple(batch)} + (D,) or {tuple(batch)} + (C, H, W), the input's batch shape first"
         )
+    size = math.prod(out.shape[len(batch) :])
+    if size == 0:
+        raise DecoderError(
+            f"{name} returned shape {tuple(out.shape)} for input {tuple(z.shape)}: no outputs per point, so "
+            "no metric. Expected (n, D) with D >= 1."
+        )
     # explicit D, not -1: reshape cannot infer -1 for an empty batch
-    return out.reshape(*batch, math.prod(out.shape[len(batch) :]))
+    return out.reshape(*batch, size)
 
 
 def _flatten_jet(out: Jet, z: Tensor, name: str) -> Jet:

@@ -948,7 +948,8 @@ class DecoderPullbackMetric(RiemannianMetric):
         and ``u`` carry the discrete geodesic's direction error (on the digits VAE
         ``3.6e-4`` relative in median, up to ``3e-2``), and so do the gradients:
         ``log_method="shooting"`` makes them exact to the ODE's tolerance where
-        shooting converges.
+        shooting converges. First order only: the gradient is not itself
+        differentiable (``create_graph=True`` gives no second derivatives).
 
         With a solver of your own in ``log_solver`` (geomstats' slot), the
         squared norm of its log (geomstats' definition), and its gradients.
@@ -1316,7 +1317,13 @@ def _geodesic_paths(
 
 def _path_times(t, like: Tensor) -> Tensor:
     """A geodesic path's times ``(n_t,)`` from a number, list or array; NaN or Inf raise."""
-    times = torch.as_tensor(t, dtype=like.dtype, device=like.device).reshape(-1)
+    times = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if times.dim() > 1:
+        raise ValueError(
+            f"path(t): t has shape {tuple(times.shape)}: pass a number or a 1-D sequence of times (n_t,); "
+            "the path of every pair is evaluated at all of them"
+        )
+    times = times.reshape(-1)
     if not torch.isfinite(times).all():
         raise ValueError(f"path(t): t contains NaN or Inf ({times.tolist()[:8]}): pass finite times")
     return times

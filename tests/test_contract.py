@@ -184,6 +184,16 @@ def test_decoder_with_wrong_batch_shape():
         space.metric.metric_matrix(torch.zeros(2, 2, dtype=F64))
 
 
+def test_decoder_with_no_outputs_or_meta_parameters():
+    empty = PullbackManifold(lambda z: z[:, :0], dim=2)
+    for z in (torch.zeros(5, 2, dtype=F64), torch.zeros(2, dtype=F64)):
+        with pytest.raises(DecoderError, match="no outputs per point"):
+            empty.metric.metric_matrix(z)
+    meta = PullbackManifold(torch.nn.Linear(2, 3, device="meta"), dim=2)
+    with pytest.raises(DecoderError, match="meta device"):
+        meta.metric.dist(torch.zeros(2, dtype=F64), torch.ones(2, dtype=F64))
+
+
 def test_decoder_returning_nan():
     space = PullbackManifold(lambda z: z.log(), dim=2)
     with pytest.raises(DecoderError, match="NaN or Inf"):

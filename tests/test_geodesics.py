@@ -289,6 +289,8 @@ def test_geodesic_to_an_end_point_follows_the_logs_own_discrete_geodesics(monkey
         path = energy.metric.geodesic(initial_point=z0, end_point=z1)(torch.tensor([0.5, float("nan")]))
     with pytest.raises(ValueError, match="NaN or Inf"):
         energy.metric.geodesic(initial_point=z0, initial_tangent_vec=z1)(float("nan"))
+    with pytest.raises(ValueError, match=r"t has shape \(2, 3\): pass a number or a 1-D sequence"):
+        energy.metric.geodesic(initial_point=z0, end_point=z1)(torch.rand(2, 3, dtype=F64))  # was (6, d), silently
 
 
 def test_geodesic_path_beyond_its_end_points_reports_failed_solves():
