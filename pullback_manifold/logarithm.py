@@ -39,9 +39,12 @@ line on stderr.
 from __future__ import annotations
 
 import inspect
+import io
 import re
 import sys
+import textwrap
 import time
+import tokenize
 from dataclasses import replace
 
 import torch
@@ -156,7 +159,18 @@ def _source_calls(module: nn.Module, pattern: re.Pattern) -> list[str]:
         source = inspect.getsource(type(module).forward if function is None else function)
     except (OSError, TypeError):
         return []
-    return [f"{name} (in {_body_name(module)}, its source)" for name in pattern.findall(source)]
+    return [f"{name} (in {_body_name(module)}, its source)" for name in pattern.findall(_code_only(source))]
+
+
+def _code_only(source: str) -> str:
+    """``source`` without comments and string literals: a comment or docstring naming
+    ``relu(`` is not a call. The source as it is where it does not tokenize (the line of a
+    lambda inside a larger expression)."""
+    try:
+        tokens = tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline)
+        return " ".join(t.string for t in tokens if t.type not in (tokenize.COMMENT, tokenize.STRING))
+    except (tokenize.TokenError, SyntaxError):
+        return source
 
 
 def _body_name(module: nn.Module) -> str:
