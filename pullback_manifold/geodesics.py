@@ -351,11 +351,13 @@ class LogResult:
         digits VAE, ``3.6e-4`` relative in median, up to ``3e-2``; docs/math.md), and
         ``exp`` of it is not promised to return the point.
     converged : Tensor, shape=[...], bool
-        ``residual <= tol * (1 + max|point|)`` at full ODE accuracy, and every solve succeeded.
+        ``residual <= tol * (1 + max|point|)`` by the accurate check (see ``residual``), and every solve succeeded.
     residual : Tensor, shape=[...]
-        Latent end-point error ``||exp(tangent_vec) - point||`` (of a converged
-        shooting pair, by a solve with tolerances 100 times tighter than the ODE
-        options'); NaN where a solve failed.
+        Latent end-point error ``||exp(tangent_vec) - point||`` of the geodesic
+        (of a converged shooting pair, measured by a dopri5 solve with tolerances
+        100 times tighter than the ODE options': ``metric.exp`` at the options
+        themselves carries their own integration error, which can be larger);
+        NaN where a solve failed.
     n_iterations : Tensor, shape=[...], int
         Newton iterations used for each pair.
     tol : float
@@ -516,8 +518,9 @@ def shooting_log(
     -------
     result : LogResult
         ``residual`` of a converged pair is its end-point error measured by a
-        solve 100 times more accurate than ``options`` (for an adaptive
-        method), not by the solves Newton steered with.
+        dopri5 solve (dopri8 if asked for) with tolerances 100 times tighter
+        than ``options'`` (the dtype's defaults for a fixed-step method), not by
+        the solves Newton steered with.
     """
     return _newton_shooting(
         embed, point, base_point, initial_tangent_vec, options, regularization, tol, max_iter, max_halvings,
@@ -541,18 +544,21 @@ _CHECK_STEPS = 2
 
 
 def _check_options(options: ODEOptions, dtype: torch.dtype) -> ODEOptions | None:
-    """The options of the check of converged end points (:data:`_CHECK_FACTOR`); None for a
-    fixed-step method, or where the dtype cannot resolve tighter tolerances."""
-    if options.method in _FIXED_STEP:
-        return None
+    """The options of the check of converged end points (:data:`_CHECK_FACTOR`): dopri5 (or
+    dopri8 where it was asked for) at tolerances that much tighter than ``options'`` (the
+    dtype's defaults for a fixed-step method); None where the dtype cannot resolve them."""
     rtol, atol = options.tolerances(dtype)
     # Not below what the dtype resolves (float32: about 8 times tighter only).
     factor = max(_CHECK_FACTOR, 10 * torch.finfo(dtype).eps / rtol)
     if factor >= 0.5:
         return None
+    # A low-order method's solve 100 times tighter still errs by more than the tolerance
+    # (a reviewer's bosh3 pairs: up to 46 times; fehlberg2, 12), and a fixed-step one has no
+    # tolerance to tighten: the check is fifth-order whatever steered Newton.
+    method = "dopri8" if options.method == "dopri8" else "dopri5"
     # Tighter tolerances take more steps (about factor^(-1/5) for dopri5).
     steps = options.max_num_steps * math.ceil(2 * factor ** -0.2)
-    return replace(options, rtol=rtol * factor, atol=atol * factor, max_num_steps=steps)
+    return replace(options, method=method, rtol=rtol * factor, atol=atol * factor, max_num_steps=steps, step_size=None)
 
 
 @torch.no_grad()

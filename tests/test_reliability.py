@@ -735,12 +735,16 @@ def test_summary_counts_failed_solves():
     assert "1 failed solve (NaN)" in line and "max nan" not in line, line
 
 
-def test_converged_shooting_end_points_hold_against_an_accurate_solve():
+@pytest.mark.parametrize(
+    "options, n_pairs", [(ODEOptions(), 12), (ODEOptions(method="bosh3"), 6), (ODEOptions(method="rk4", step_size=0.05), 6)]
+)
+def test_converged_shooting_end_points_hold_against_an_accurate_solve(options, n_pairs):
     """Newton's residual comes from the ODE solves it steers with (rtol 1e-7), whose global
     error along these geodesics (lengths up to 12) reached 1.3e-6: converged pairs missed
-    their point by up to 60 times the tolerance (a reviewer's tanh MLP). Converged end
-    points are now checked by a solve 100 times more accurate: against one at rtol 1e-11,
-    every converged pair is within its tolerance."""
+    their point by up to 60 times the tolerance (a reviewer's tanh MLP; with bosh3 250
+    times, with rk4 at step 0.05 1.6e4 times). Converged end points are now checked by a
+    dopri5 solve 100 times more accurate: against one at rtol 1e-11, every converged pair
+    is within its tolerance."""
     g = torch.Generator().manual_seed(1)
     W1, b1 = torch.randn(8, 2, generator=g, dtype=F64), torch.randn(8, generator=g, dtype=F64) * 0.3
     W2 = torch.randn(5, 8, generator=g, dtype=F64)
@@ -750,9 +754,10 @@ def test_converged_shooting_end_points_hold_against_an_accurate_solve():
 
     torch.manual_seed(11)
     a, b = torch.randn(12, 2, dtype=F64) * 0.7, torch.randn(12, 2, dtype=F64) * 0.7
-    space = PullbackManifold(f, dim=2, log_method="shooting", on_failure="ignore")
+    a, b = a[:n_pairs], b[:n_pairs]
+    space = PullbackManifold(f, dim=2, log_method="shooting", on_failure="ignore", ode_options=options)
     report = space.metric.solve_log(b, a)
-    assert report.converged.sum() >= 11
+    assert report.converged.sum() >= n_pairs - 1
     accurate = PullbackManifold(f, dim=2, ode_options=ODEOptions(rtol=1e-11, atol=1e-13, max_num_steps=20000))
     miss = (accurate.metric.exp(report.tangent_vec, a) - b).norm(dim=-1)
     allowed = report.tol * (1 + torch.maximum(a.abs().amax(-1), b.abs().amax(-1)))
