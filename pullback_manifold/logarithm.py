@@ -173,6 +173,45 @@ def _code_only(source: str) -> str:
         return source
 
 
+def _with_referenced_modules(module: _FunctionModule) -> nn.Module:
+    """For reading kinks only: a plain callable that fx cannot trace because it calls an
+    ``nn.Module`` (``lambda z: net(z)``) as a module holding the modules it can reach by
+    name (its closure, the globals its code names, a callable object's attributes), so
+    that a trace sees which of them it calls; where it still cannot be traced, all of
+    them count (as all submodules of a module that cannot be traced)."""
+    function = module.function
+    targets = [function, getattr(function, "func", None), inspect.getattr_static(type(function), "__call__", None)]
+    # (name, object) pairs; a partial's arguments by position
+    candidates = [(f"argument_{i}", a) for i, a in enumerate(getattr(function, "args", ()))]
+    candidates += list((getattr(function, "keywords", None) or {}).items())
+    if not inspect.isfunction(function) and not inspect.ismethod(function):
+        candidates += list(getattr(function, "__dict__", {}).items())
+    for target in targets:
+        target = getattr(target, "__func__", target)
+        code = getattr(target, "__code__", None)
+        if code is None:
+            continue
+        cells = zip(code.co_freevars, target.__closure__ or ())
+        candidates += [(name, cell.cell_contents) for name, cell in cells if _filled(cell)]
+        names = getattr(target, "__globals__", {})
+        candidates += [(name, names[name]) for name in code.co_names if name in names]
+    holder = _FunctionModule(function)
+    seen: set[int] = set()
+    for name, child in candidates:
+        if isinstance(child, nn.Module) and id(child) not in seen and name.isidentifier() and not hasattr(holder, name):
+            seen.add(id(child))
+            holder.add_module(name, child)
+    return holder if seen else module
+
+
+def _filled(cell) -> bool:
+    try:
+        _ = cell.cell_contents
+    except ValueError:  # an empty cell (a variable assigned after the function was made)
+        return False
+    return True
+
+
 def _body_name(module: nn.Module) -> str:
     """What runs a module's traced calls: ``Class.forward``, or a plain callable's name."""
     if isinstance(module, _FunctionModule):
@@ -194,6 +233,8 @@ def _activations(embed: Embedding, module_test, call_test, source_pattern: re.Pa
     for module in roots:
         if not isinstance(module, nn.Module):
             continue
+        if isinstance(module, _FunctionModule) and traced.traced_graph(module, make=True) is None:
+            module = _with_referenced_modules(module)
         for name, child in _used_modules(module):
             if module_test(child):
                 found.append(f"{type(child).__name__} ({name or 'the decoder'})")

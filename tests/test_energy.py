@@ -223,6 +223,19 @@ def test_kinked_activations_are_found_in_modules_and_traced_forwards():
 
     assert kinked_activations(as_decoder(commented)) == []
 
+    # A function calling a module (fx cannot trace it): the modules it reaches by name and
+    # calls are read (a reviewer's find: `lambda z: net(z)` had shooting cross kinks).
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).double()
+    assert kinked_activations(as_decoder(lambda z: net(z))) == ["ReLU (net.1)"]
+    parts = torch.nn.ModuleDict(
+        {"enc": torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU()), "dec": torch.nn.Sequential(torch.nn.Linear(2, 3))}
+    ).double()
+    assert kinked_activations(as_decoder(lambda z: parts["dec"](z) * 2)) == []  # the encoder's ReLU is not called
+    a, b = torch.randn(3, 2, dtype=F64), torch.randn(3, 2, dtype=F64)
+    report = PullbackManifold(lambda z: net(z), dim=2, on_failure="ignore").metric.solve_log(b, a)
+    assert report.nonsmooth.all() and not report.converged.any()
+
     class VAE(torch.nn.Module):  # a method decoder: the activations of the encoder do not count
         def __init__(self):
             super().__init__()
