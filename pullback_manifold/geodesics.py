@@ -354,9 +354,9 @@ class LogResult:
         ``residual <= tol * (1 + max|point|)`` by the accurate check (see ``residual``), and every solve succeeded.
     residual : Tensor, shape=[...]
         Latent end-point error ``||exp(tangent_vec) - point||`` of the geodesic
-        (of a converged shooting pair, measured by a dopri5 solve with tolerances
-        100 times tighter than the ODE options': ``metric.exp`` at the options
-        themselves carries their own integration error, which can be larger);
+        (of a converged shooting pair, measured by a dopri5 solve at rtol
+        ``0.1 min(rtol, tol)``: ``metric.exp`` at the ODE options themselves
+        carries their own integration error, which can be larger);
         NaN where a solve failed.
     n_iterations : Tensor, shape=[...], int
         Newton iterations used for each pair.
@@ -518,9 +518,9 @@ def shooting_log(
     -------
     result : LogResult
         ``residual`` of a converged pair is its end-point error measured by a
-        dopri5 solve (dopri8 if asked for) with tolerances 100 times tighter
-        than ``options'`` (the dtype's defaults for a fixed-step method), not by
-        the solves Newton steered with.
+        dopri5 solve (dopri8 if asked for) at rtol ``0.1 min(rtol, tol)`` (1e-9
+        at the defaults; atol in proportion), not by the solves Newton steered
+        with.
     """
     return _newton_shooting(
         embed, point, base_point, initial_tangent_vec, options, regularization, tol, max_iter, max_halvings,
@@ -533,23 +533,26 @@ _STALL_WINDOW = 8
 # (rtol 1e-7 by default) grows along a long or strongly bending geodesic past the
 # tolerance: on a reviewer's tanh MLPs, 7 of 24 converged pairs missed their point by
 # more than 1e-8 (1 + max|point|), one by 1.3e-6 where Newton's residual was 3e-13. So a
-# converged pair's end point is measured again by a solve this much more accurate (its
-# tolerances times this factor), and where that misses, corrected by chord steps (the
-# Jacobian Newton ended with: the corrections are of the size of the integration error).
-# Measured on those pairs: with 1e-2, every converged pair within its tolerance of the
-# point by a solve at rtol 1e-11, for 25-56% more time under "shooting", 17-140% under
-# "auto" (whose polish is short); 1e-3 cost about a third more again.
-_CHECK_FACTOR = 1e-2
+# converged pair's end point is measured again by a more accurate solve, and where that
+# misses, corrected by chord steps (the Jacobian Newton ended with: the corrections are of
+# the size of the integration error). Its rtol is the smaller of a tenth of the log
+# tolerance (the check must resolve it, whatever rtol steered Newton) and a tenth of the
+# options' rtol (it must be tighter than they are): 1e-9 at the defaults, 100 times
+# tighter. Measured on those pairs at the defaults: every converged pair then within its
+# tolerance of the point by a solve at rtol 1e-11, for 25-56% more time under "shooting",
+# 17-140% under "auto" (whose polish is short); 1000 times tighter cost a third more again.
+_CHECK_FACTOR = 0.1
 _CHECK_STEPS = 2
 
 
-def _check_options(options: ODEOptions, dtype: torch.dtype) -> ODEOptions | None:
-    """The options of the check of converged end points (:data:`_CHECK_FACTOR`): dopri5 (or
-    dopri8 where it was asked for) at tolerances that much tighter than ``options'`` (the
-    dtype's defaults for a fixed-step method); None where the dtype cannot resolve them."""
+def _check_options(options: ODEOptions, dtype: torch.dtype, tol: float) -> ODEOptions | None:
+    """The options of the check of converged end points: dopri5 (or dopri8 where it was
+    asked for) at rtol ``_CHECK_FACTOR * min(rtol, tol)`` and atol in proportion (the
+    dtype's default tolerances for a fixed-step method); None where the dtype cannot
+    resolve them."""
     rtol, atol = options.tolerances(dtype)
     # Not below what the dtype resolves (float32: about 8 times tighter only).
-    factor = max(_CHECK_FACTOR, 10 * torch.finfo(dtype).eps / rtol)
+    factor = max(_CHECK_FACTOR * min(rtol, tol) / rtol, 10 * torch.finfo(dtype).eps / rtol)
     if factor >= 0.5:
         return None
     # A low-order method's solve 100 times tighter still errs by more than the tolerance
@@ -705,7 +708,7 @@ def _newton_shooting(
             # No decrease even along (nearly) steepest descent at full accuracy: stalled.
             failed[stuck[damping[stuck] > 1e5]] = True
     converged = ~torch.isnan(residual) & (residual <= pair_tol) & (measured_at == rtol_final)
-    strict = _check_options(options, v.dtype)
+    strict = _check_options(options, v.dtype, tol)
     rows = converged.nonzero().squeeze(-1) if strict is not None else converged.nonzero().squeeze(-1)[:0]
     previous = None
     for check in range(_CHECK_STEPS + 1):
