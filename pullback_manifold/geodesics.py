@@ -709,10 +709,10 @@ def _newton_shooting(
             failed[stuck[damping[stuck] > 1e5]] = True
     converged = ~torch.isnan(residual) & (residual <= pair_tol) & (measured_at == rtol_final)
     strict = _check_options(options, v.dtype, tol)
-    rows = converged.nonzero().squeeze(-1) if strict is not None else converged.nonzero().squeeze(-1)[:0]
+    rows = converged.nonzero().squeeze(-1)
     previous = None
     for check in range(_CHECK_STEPS + 1):
-        if len(rows) == 0:
+        if strict is None or len(rows) == 0:
             break
         end, ok = exp(embed, v[rows], base_point[rows], strict, regularization)
         miss_vec = end - point[rows]
